@@ -1,0 +1,2 @@
+"""A small but real Django project served by django_pgpool: the tests and the
+benchmark run against it."""

@@ -1,0 +1,15 @@
+from django.contrib import admin
+from django.urls import path
+
+from testproject.library import views
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("health/", views.health),
+    path("books/", views.book_list),
+    path("books/<int:pk>/", views.book_detail),
+    path("books/<int:pk>/buy/", views.buy_book),
+    path("async/books/<int:pk>/", views.async_book_detail),
+    path("async/books/<int:pk>/thread/", views.async_book_detail_in_thread),
+    path("db/session/", views.session_info),
+]

@@ -1,0 +1,270 @@
+"""``manage.py pgpool``: the process's pools, and ``pgpool check`` against the real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+from django.test import override_settings
+
+import django_pgpool
+from testproject.library.models import Author
+
+from .aliases import temporary_alias
+from .helpers import REPO, backends, query_one
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _orm_connection_given_back() -> None:
+    # The test database set-up leaves the ORM holding a connection; give it
+    # back so that the statistics count only what each test does.
+    connection.close()
+
+
+def pgpool(*args: str) -> str:
+    out = StringIO()
+    call_command("pgpool", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def pgpool_json(*args: str) -> Any:
+    return json.loads(pgpool(*args, "--json"))
+
+
+def pgpool_error(*args: str) -> CommandError:
+    with pytest.raises(CommandError) as caught:
+        pgpool(*args)
+    return caught.value
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    lines = [line.split() for line in output.splitlines() if line.strip()]
+    return {cells[0]: cells for cells in lines[1:] if cells[0] in ("default", "replica")}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_setting(admin: Any, name: str) -> int:
+    return int(query_one(admin, f"SELECT current_setting('{name}')"))
+
+
+def test_pgpool_shows_every_pooled_alias_as_not_opened_in_a_process_without_pools(
+    fresh_pools: None,
+) -> None:
+    output = pgpool()
+    rows = table_rows(output)
+    assert set(rows) == {"default", "replica"}
+    for row in rows.values():
+        # alias, state (3 words), min, max, then "-" for everything only a live pool knows
+        assert row[1:4] == ["not", "opened", "yet"]
+        assert row[4:6] == ["1", "8"]
+        assert row[6:12] == ["-"] * 6
+    assert "use --open to build them" in output
+
+
+def test_pgpool_shows_the_live_statistics_of_the_pools_this_process_uses(
+    fresh_pools: None,
+) -> None:
+    for _ in range(3):
+        Author.objects.count()
+        connection.close()
+    row = table_rows(pgpool("--database", "default"))["default"]
+    # alias, state, min, max, open, in use, idle, waiting, requests, timeouts, database
+    assert row[:4] == ["default", "open", "1", "8"]
+    assert (row[5], row[7], row[8], row[9]) == ("0", "0", "3", "0")
+    settings = connection.settings_dict
+    assert row[10] == f"{settings['USER']}@{settings['HOST']}:{settings['PORT']}/{settings['NAME']}"
+
+
+def test_pgpool_open_builds_each_pool_with_its_min_size_connections(
+    fresh_pools: None, admin: Any
+) -> None:
+    database = connection.settings_dict["NAME"]
+    assert backends(admin, database=database) == 0
+    report = pgpool_json("--open")
+    assert report["process"] == os.getpid()
+    for alias in ("default", "replica"):
+        entry = report["aliases"][alias]
+        assert entry["state"] == "open"
+        assert entry["stats"]["pool_size"] == entry["config"]["min_size"] == 1
+        assert entry["stats"]["pool_available"] == 1
+    assert backends(admin, database=database) == 2
+
+
+def test_pgpool_json_carries_the_pools_own_statistics(fresh_pools: None) -> None:
+    Author.objects.count()
+    connection.close()
+    entry = pgpool_json("--database", "default")["aliases"]["default"]
+    assert entry["stats"] == django_pgpool.stats()["default"]
+    assert entry["config"]["max_size"] == 8 and entry["config"]["timeout"] == 10.0
+    assert "PASSWORD" not in json.dumps(entry) and "password" not in json.dumps(entry)
+
+
+def test_pgpool_refuses_an_alias_that_does_not_use_django_pgpool() -> None:
+    with temporary_alias("plain", ENGINE="django.db.backends.sqlite3", NAME=":memory:"):
+        error = pgpool_error("--database", "plain")
+        assert "ENGINE is 'django.db.backends.sqlite3'" in str(error)
+        error = pgpool_error("check", "--database", "plain")
+        assert "set ENGINE to 'django_pgpool'" in str(error)
+    assert "no database alias 'nope'" in str(pgpool_error("--database", "nope"))
+
+
+def test_pgpool_check_reports_the_servers_limits_and_that_the_pools_fit(admin: Any) -> None:
+    report = pgpool_json("check")
+    max_connections = server_setting(admin, "max_connections")
+    superuser_reserved = server_setting(admin, "superuser_reserved_connections")
+    server = report["server"]
+    assert report["reachable"] and report["alias"] == "default"
+    assert server["max_connections"] == max_connections
+    assert server["superuser_reserved_connections"] == superuser_reserved
+    assert server["available"] == max_connections - superuser_reserved - (
+        server["reserved_connections"] or 0
+    )
+    assert server["connections_in_use"] >= 2  # the admin connection and the pool's
+    # Both pooled aliases point at this server: each process may open 8 + 8.
+    assert report["max_size"] == {"default": 8, "replica": 8}
+    assert report["processes"] == 1 and report["needed"] == 16
+    assert report["fits"] is True
+    assert report["largest_max_size"] == server["available"] - 8
+
+
+def test_pgpool_check_on_postgresql_16_and_later_reports_reserved_connections(
+    admin: Any,
+) -> None:
+    version = int(query_one(admin, "SELECT current_setting('server_version_num')"))
+    reserved = pgpool_json("check")["server"]["reserved_connections"]
+    if version >= 160000:
+        assert reserved == server_setting(admin, "reserved_connections")
+    else:
+        assert reserved is None
+
+
+def test_pgpool_check_prints_a_readable_report() -> None:
+    output = pgpool("check", "--database", "replica")
+    assert output.startswith("alias 'replica': ")
+    assert "query through the pool           ok" in output
+    assert "max_size 8 for 'replica' + 8 for 'default'" in output
+    assert "needed at most                   1 x 16 = 16" in output
+    assert "fits                             yes" in output
+
+
+def test_pgpool_check_reports_a_pool_that_cannot_fit_the_server(admin: Any) -> None:
+    max_connections = server_setting(admin, "max_connections")
+    processes = max_connections // 8  # (8 + 8) connections per process: twice too many
+    with override_settings(PGPOOL_EXPECTED_PROCESSES=processes):
+        error = pgpool_error("check")
+    message = str(error)
+    assert error.returncode == 1
+    assert message.startswith("The pools do not fit the server of alias 'default': ")
+    assert f"{processes} process(es) x 16 connection(s)" in message
+    assert f"max_connections {max_connections} - superuser_reserved_connections" in message
+    assert "Lower DATABASES['default']['OPTIONS']['pool']['max_size'] to" not in message
+    assert "Even max_size=1 for 'default' does not fit: lower max_size of 'replica'" in message
+
+
+def test_pgpool_check_suggests_the_largest_max_size_that_fits(admin: Any) -> None:
+    available = server_setting(admin, "max_connections") - server_setting(
+        admin, "superuser_reserved_connections"
+    )
+    # With (8 + 8) x processes about 4/3 of what the server takes, 'default'
+    # fits with a smaller max_size.
+    processes = available // 12
+    largest = available // processes - 8
+    error = pgpool_error("check", "--processes", str(processes))
+    assert f"Lower DATABASES['default']['OPTIONS']['pool']['max_size'] to {largest} or less" in (
+        str(error)
+    )
+    assert (largest + 8) * processes <= available < (largest + 9) * processes
+
+
+def test_the_processes_option_overrides_the_setting() -> None:
+    with override_settings(PGPOOL_EXPECTED_PROCESSES=1000):
+        assert pgpool_json("check", "--processes", "2")["needed"] == 32
+        assert "1000 process(es)" in str(pgpool_error("check"))
+
+
+def test_pgpool_check_counts_every_pooled_alias_on_the_same_server_only() -> None:
+    other_server = {"HOST": "10.255.255.1", "PORT": "6543"}
+    with (
+        temporary_alias("analytics", OPTIONS={"pool": {"max_size": 30}}),
+        temporary_alias("elsewhere", OPTIONS={"pool": {"max_size": 50}}, **other_server),
+        temporary_alias("unpooled", OPTIONS={"pool": False}),
+    ):
+        report = pgpool_json("check", "--processes", "2")
+    assert report["max_size"] == {"default": 8, "replica": 8, "analytics": 30}
+    assert report["needed"] == 2 * 46
+
+
+def test_pgpool_check_refuses_an_invalid_expected_processes_setting() -> None:
+    with override_settings(PGPOOL_EXPECTED_PROCESSES="4"):
+        message = str(pgpool_error("check"))
+    assert message.startswith("settings.PGPOOL_EXPECTED_PROCESSES = '4' is invalid")
+    assert "--processes must be a whole number >= 1" in str(pgpool_error("check", "--processes=0"))
+
+
+def test_pgpool_check_says_when_the_database_cannot_be_reached_without_showing_the_password() -> (
+    None
+):
+    with temporary_alias("down", PORT=str(free_port()), PASSWORD="hunter2-never-printed"):
+        error = pgpool_error("check", "--database", "down", "--timeout", "0.5")
+    message = str(error)
+    assert error.returncode == 2
+    assert message.startswith("Alias 'down' cannot reach its database ")
+    assert "Connection refused" in message
+    assert "1 requests were waiting. Check that the server runs" in message
+    assert "HOST, PORT, NAME, USER and PASSWORD in DATABASES['down']" in message
+    assert "hunter2" not in message
+
+
+def test_pgpool_check_of_a_database_that_does_not_exist_fails_at_once() -> None:
+    with temporary_alias("missing", NAME="pgpool_no_such_database"):
+        started = time.monotonic()
+        error = pgpool_error("check", "--database", "missing", "--timeout", "30")
+    assert time.monotonic() - started < 10  # waiting can't create the database
+    assert error.returncode == 2
+    assert 'database "pgpool_no_such_database" does not exist' in str(error)
+
+
+def run_manage(*args: str, database: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        "TESTPROJECT_DB_NAME": database or connection.settings_dict["NAME"],
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "django", "pgpool", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_pgpool_check_exit_status_tells_a_deploy_script_whether_the_pools_fit() -> None:
+    fits = run_manage("check", "--processes", "1")
+    assert fits.returncode == 0, fits.stderr
+    assert "fits                             yes" in fits.stdout
+    too_many = run_manage("check", "--processes", "100000")
+    assert too_many.returncode == 1
+    assert "CommandError: The pools do not fit the server of alias 'default'" in too_many.stderr
+    unreachable = run_manage("check", database="pgpool_no_such_database")
+    assert unreachable.returncode == 2
+    assert "Alias 'default' cannot reach its database" in unreachable.stderr
