@@ -362,11 +362,20 @@ def test_a_forked_child_builds_its_own_pool_and_leaves_the_parents_connections_a
 
 C_FORK_SCRIPT = FORK_SCRIPT.replace(
     "child = os.fork()",
-    # uWSGI forks its workers from C: Python's at-fork hooks never run. PyDLL
+    # A server forking its workers from C need not run Python's at-fork
+    # hooks (PyOS_AfterFork_Child), so the pool never hears of it. PyDLL
     # keeps the GIL during the call, as a C server forking from the main
     # thread holds it (CDLL would release it, and the child could be left
     # waiting for a GIL held by a thread that doesn't exist there).
-    "import ctypes; child = ctypes.PyDLL(None).fork()",
+    # The pool's own thread is let settle first: forking while a thread is
+    # waiting for the GIL leaves CPython itself inconsistent in the child
+    # when nothing runs PyOS_AfterFork_Child, whatever the pool does.
+    "import ctypes, time\n"
+    "previous = None\n"
+    "while (snapshot := pool.stats()) != previous or snapshot['pool_available'] < 1:\n"
+    "    previous = snapshot\n"
+    "    time.sleep(0.2)\n"
+    "child = ctypes.PyDLL(None).fork()",
 ).replace(
     "        child_pid = backend_pid()",
     "        from django.db import close_old_connections\n"
