@@ -9,7 +9,9 @@ from __future__ import annotations
 import _thread
 import json
 import logging
+import os
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -109,6 +111,67 @@ def test_after_a_restart_every_request_succeeds_once_the_server_accepts_connecti
     assert all(before) and len(before) > 50
     assert len(after) > 50
     assert all(after), f"{after.count(False)} requests failed after the server was back"
+
+
+def test_after_a_backend_crash_the_pool_recovers_with_the_server(
+    cluster: EmbeddedPostgres, django_db_blocker: Any
+) -> None:
+    # SIGKILL on one backend makes PostgreSQL end every session and run crash
+    # recovery: all the pool's connections die at once, and for a moment new
+    # ones are refused ("the database system is in recovery mode").
+    alias = "backend-crash"
+    settings_dict = alias_settings(cluster, alias, min_size=2, max_size=4, timeout=10)
+    results: list[tuple[float, bool]] = []  # started, succeeded
+    stop = threading.Event()
+
+    def steady_load(_: int) -> None:
+        db = connections[alias]
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                with db.cursor() as cursor:
+                    cursor.execute("SELECT count(*) FROM pg_class")
+                ok = True
+            except DatabaseError:
+                ok = False
+            finally:
+                db.close()
+            results.append((started, ok))
+            if not ok:
+                time.sleep(0.01)
+
+    load = threading.Thread(target=run_in_threads, args=(4, steady_load))
+    with django_db_blocker.unblock(), extra_alias(alias, settings_dict):
+        load.start()
+        try:
+            time.sleep(0.5)
+            admin = cluster.settings.connect()
+            victim = query_one(
+                admin,
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s LIMIT 1",
+                [alias],
+            )
+            admin.close()
+            os.kill(victim, signal.SIGKILL)
+            assert eventually(lambda: "reinitializing" in cluster.log_tail(200), timeout=10), (
+                cluster.log_tail()
+            )
+            assert eventually(cluster.accepting, timeout=30)
+            came_back = time.monotonic()
+            time.sleep(2.0)
+        finally:
+            stop.set()
+            load.join()
+        pool = connections[alias].pool
+        assert pool is not None
+        stats = pool.stats()
+
+    after = [ok for started, ok in results if started >= came_back + 0.1]
+    assert len(after) > 50
+    assert all(after), f"{after.count(False)} requests failed after the server was back"
+    # The dead connections came back broken from the queries that failed, or
+    # were found dead at checkout: either way they were dropped.
+    assert stats["returns_bad"] + stats["connections_lost"] >= 1
 
 
 def test_after_pg_terminate_backend_no_dead_connection_is_handed_out(
