@@ -103,6 +103,13 @@ def _is_transient_connect_error(exc: BaseException) -> bool:
 
 _TRANSACTION_IDLE = ext.TRANSACTION_STATUS_IDLE
 _UNUSABLE_STATUSES = frozenset((ext.TRANSACTION_STATUS_ACTIVE, ext.TRANSACTION_STATUS_UNKNOWN))
+_OPEN_TRANSACTION_STATUSES = frozenset(
+    (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
+)
+
+#: A connection returned with its transaction still open is reported at most
+#: this often (seconds) per pool; the statistics count every one.
+OPEN_TRANSACTION_REPORT_INTERVAL = 60.0
 
 _INFINITY = float("inf")
 
@@ -368,6 +375,8 @@ class ConnectionPool(ThreadedConnectionPool):
         self._unreachable: BaseException | None = None
         self._unreachable_since = 0.0
         self._reclaim_logged = False
+        self._open_transaction_reported_at = -_INFINITY
+        self._open_transactions_unreported = 0
         self._generation = 0  # drain() starts a new one; older connections are retired
         #: Called as ``on_event(event, info)`` (never with the lock held) when a
         #: request times out ("pool_exhausted") or a connection is closed for a
@@ -877,10 +886,16 @@ class ConnectionPool(ThreadedConnectionPool):
             problem = "the caller asked to close it"
         elif conn.closed:
             problem = "it was closed or broken"
-        elif conn.get_transaction_status() in _UNUSABLE_STATUSES:
-            problem = "it was returned in the middle of a query or with its server connection lost"
         else:
-            problem = ""
+            status = conn.get_transaction_status()
+            if status in _UNUSABLE_STATUSES:
+                problem = (
+                    "it was returned in the middle of a query or with its server connection lost"
+                )
+            else:
+                problem = ""
+                if status in _OPEN_TRANSACTION_STATUSES:
+                    self._report_open_transaction(conn, status, now)
         needs_reset = not problem and self._needs_reset(conn)
         reset_here = queued = False
         with self._lock:
@@ -938,6 +953,40 @@ class ConnectionPool(ThreadedConnectionPool):
             self._discard(conn, problem)
         if self.closed and not self._checked_out:
             _live_pools.discard(self)
+
+    def _report_open_transaction(self, conn: Any, status: int, now: float) -> None:
+        """Say that a connection came back with its transaction open: its work is lost.
+
+        The pool rolls the transaction back (as psycopg_pool does, with a
+        warning), so the next user gets a clean connection; but whoever
+        returned it probably meant to commit.
+        """
+        with self._lock:
+            self._stats["returns_in_transaction"] += 1
+            self._open_transactions_unreported += 1
+            if now - self._open_transaction_reported_at < OPEN_TRANSACTION_REPORT_INTERVAL:
+                return
+            self._open_transaction_reported_at = now
+            count, self._open_transactions_unreported = self._open_transactions_unreported, 0
+        holder = next(
+            (t.name for t in threading.enumerate() if t.ident == conn._pgpool_holder),
+            "an ended thread",
+        )
+        state = (
+            "an aborted transaction"
+            if status == ext.TRANSACTION_STATUS_INERROR
+            else "a transaction"
+        )
+        since = "" if count == 1 else f" ({count} such returns since the last report)"
+        logger.warning(
+            "pool %r: a connection taken by %s was returned with %s still open; it was "
+            "rolled back, so any uncommitted changes are lost%s. Commit or roll back "
+            "before closing the connection (leaving transaction.atomic() normally does).",
+            self.name,
+            holder,
+            state,
+            since,
+        )
 
     def _retirement_reason(self, conn: Any, now: float) -> str:
         """Why a healthy connection must not be used again, or "" if it may."""
@@ -1650,6 +1699,7 @@ _COUNTERS = (
     "requests_timeouts",
     "usage_ms",
     "returns_bad",
+    "returns_in_transaction",
     "connections_num",
     "connections_ms",
     "connections_errors",

@@ -116,6 +116,12 @@ METRICS: tuple[MetricSpec, ...] = (
         counter=True,
     ),
     MetricSpec(
+        "returns_in_transaction",
+        "django_pgpool_returns_in_transaction",
+        "Connections returned with a transaction still open (rolled back).",
+        counter=True,
+    ),
+    MetricSpec(
         "connections_num",
         "django_pgpool_connections_opened",
         "Server connections opened.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -218,13 +219,20 @@ def test_a_slow_connect_does_not_stall_other_threads(make_pool: Any, server: Any
     opener.join()
 
 
-def test_an_open_transaction_is_rolled_back_when_returned(make_pool: Any, admin: Any) -> None:
+def test_an_open_transaction_is_rolled_back_when_returned(
+    make_pool: Any, admin: Any, caplog: Any
+) -> None:
     pool = make_pool(max_size=1)
     admin.cursor().execute("CREATE TABLE IF NOT EXISTS pgpool_rollback_probe (n int)")
     conn = pool.getconn()
     conn.autocommit = False
     conn.cursor().execute("INSERT INTO pgpool_rollback_probe VALUES (1)")
-    pool.putconn(conn)
+    with caplog.at_level(logging.WARNING, logger="django_pgpool"):
+        pool.putconn(conn)
+    # Said once, plainly: the work is lost, and who returned it.
+    [warning] = [r.getMessage() for r in caplog.records if "still open" in r.getMessage()]
+    assert "rolled back" in warning and threading.current_thread().name in warning
+    assert pool.stats()["returns_in_transaction"] == 1
     conn = pool.getconn()
     assert conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
     assert conn.autocommit
@@ -247,6 +255,46 @@ def test_an_aborted_transaction_is_rolled_back_when_returned(make_pool: Any) -> 
     assert query_one(conn, "SELECT 1") == 1
     assert pid is None or backend_pid(conn) == pid
     pool.putconn(conn)
+    assert pool.stats()["returns_in_transaction"] == 1
+
+
+def test_transactions_left_open_are_reported_at_most_once_a_minute_with_a_count(
+    make_pool: Any, caplog: Any
+) -> None:
+    pool = make_pool(max_size=1)
+    with caplog.at_level(logging.WARNING, logger="django_pgpool"):
+        for _ in range(5):
+            conn = pool.getconn()
+            conn.autocommit = False
+            query_one(conn, "SELECT 1")
+            pool.putconn(conn)
+        warnings = [r for r in caplog.records if "still open" in r.getMessage()]
+        assert len(warnings) == 1
+        assert pool.stats()["returns_in_transaction"] == 5
+        pool._open_transaction_reported_at -= 60  # a minute later
+        conn = pool.getconn()
+        conn.autocommit = False
+        query_one(conn, "SELECT 1")
+        pool.putconn(conn)
+    warnings = [r.getMessage() for r in caplog.records if "still open" in r.getMessage()]
+    assert len(warnings) == 2 and "5 such returns since the last report" in warnings[1]
+
+
+def test_a_committed_or_rolled_back_connection_is_returned_without_a_report(
+    make_pool: Any, caplog: Any
+) -> None:
+    pool = make_pool(max_size=1)
+    with caplog.at_level(logging.WARNING, logger="django_pgpool"):
+        with pool.connection() as conn:  # commits on the way out
+            conn.autocommit = False
+            query_one(conn, "SELECT 1")
+        conn = pool.getconn()
+        conn.autocommit = False
+        query_one(conn, "SELECT 1")
+        conn.rollback()
+        pool.putconn(conn)
+    assert not [r for r in caplog.records if "still open" in r.getMessage()]
+    assert pool.stats()["returns_in_transaction"] == 0
 
 
 def backend_pid_or_none(conn: Any) -> int | None:
