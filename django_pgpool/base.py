@@ -31,6 +31,7 @@ from django.utils.asyncio import async_unsafe  # noqa: E402
 from django.utils.functional import cached_property  # noqa: E402
 
 from . import registry  # noqa: E402
+from .client import DatabaseClient  # noqa: E402
 from .closing import inside_closing_connections  # noqa: E402
 from .config import parse_pool_options, pool_is_enabled  # noqa: E402
 from .creation import DatabaseCreation  # noqa: E402
@@ -108,6 +109,7 @@ class _PoolErrorsPassThrough(DatabaseErrorWrapper):
 
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):
+    client_class = DatabaseClient
     creation_class = DatabaseCreation
     # Set while closing a connection Django found unusable: the pool discards it.
     _discard_on_close = False

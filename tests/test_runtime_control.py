@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -205,3 +206,38 @@ def test_warm_up_fails_fast_when_the_database_is_unreachable() -> None:
         pool.open(wait=True, timeout=1.0)
     assert time.monotonic() - started < 3
     pool.close()
+
+
+def shell_output(cluster: EmbeddedPostgres, capfd: Any, **settings: Any) -> str:
+    """What ``manage.py dbshell`` prints for a query, for an alias with these settings."""
+    from django.db import connections
+
+    from django_pgpool.base import DatabaseWrapper
+
+    entry = {**cluster.settings.django_database(), **settings}
+    entry = connections.configure_settings({"default": dict(entry), "shell": entry})["shell"]
+    wrapper = DatabaseWrapper(entry, alias="shell")
+    capfd.readouterr()
+    wrapper.client.runshell(["-X", "-A", "-t", "-c", "SELECT 'shell-as-' || current_user"])
+    return str(capfd.readouterr().out)
+
+
+@pytest.mark.skipif(not shutil.which("psql"), reason="psql is not installed")
+def test_dbshell_logs_in_with_a_callable_password(cluster: EmbeddedPostgres, capfd: Any) -> None:
+    password = cluster.password
+    output = shell_output(cluster, capfd, PASSWORD=lambda: password)
+    assert "shell-as-postgres" in output
+
+
+@pytest.mark.skipif(not shutil.which("psql"), reason="psql is not installed")
+def test_dbshell_takes_credentials_from_connect_params(
+    cluster: EmbeddedPostgres, capfd: Any
+) -> None:
+    password = cluster.password
+    output = shell_output(
+        cluster,
+        capfd,
+        PASSWORD="an-expired-token",
+        OPTIONS={"pool": {"connect_params": lambda: {"password": password}}},
+    )
+    assert "shell-as-postgres" in output
