@@ -10,7 +10,7 @@ once, just before ``psql`` starts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from django.db.backends.postgresql.client import DatabaseClient as PostgreSQLClient
@@ -35,7 +35,7 @@ def _resolved(value: Any) -> Any:
 class DatabaseClient(PostgreSQLClient):
     @classmethod
     def settings_to_cmd_args_env(
-        cls, settings_dict: dict[str, Any], parameters: list[str]
+        cls, settings_dict: dict[str, Any], parameters: Iterable[str]
     ) -> tuple[list[str], dict[str, str] | None]:
         options = dict(settings_dict.get("OPTIONS") or {})
         pool = options.pop("pool", None)
@@ -51,4 +51,4 @@ class DatabaseClient(PostgreSQLClient):
                     resolved[_SETTINGS_KEYS[key]] = value
                 else:
                     resolved["OPTIONS"][key] = value
-        return super().settings_to_cmd_args_env({**settings_dict, **resolved}, parameters)  # type: ignore[no-any-return]
+        return super().settings_to_cmd_args_env({**settings_dict, **resolved}, parameters)
