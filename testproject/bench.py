@@ -45,7 +45,9 @@ import psycopg2
 from testproject.pgserver import EmbeddedPostgres, ServerSettings, from_environment, is_reachable
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_DATABASE = "pgpool_bench"
+# One database per run, dropped at the end: runs against the same server at
+# once (two checkouts, CI beside a developer) must not share tables.
+BENCH_DATABASE = f"pgpool_bench_{os.getpid()}"
 BOOKS = 1000
 OVERLOAD_THREADS = 64
 OVERLOAD_POOL = 8
@@ -179,15 +181,29 @@ def prepare_database(server: ServerSettings, env: dict[str, str]) -> None:
     admin = server.connect(dbname="postgres")
     admin.autocommit = True
     with admin.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [BENCH_DATABASE])
-        if cursor.fetchone() is None:
-            cursor.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+        cursor.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}"')
+        cursor.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
     admin.close()
     for command in (
         ["migrate", "--noinput", "-v", "0"],
         ["seed", "--books", str(BOOKS), "-v", "0"],
     ):
         subprocess.run([sys.executable, "-m", "django", *command], env=env, cwd=REPO, check=True)
+
+
+def drop_database(server: ServerSettings) -> None:
+    admin = server.connect(dbname="postgres")
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            # The app servers are stopped; a monitor connection may linger briefly.
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                [BENCH_DATABASE],
+            )
+            cursor.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}"')
+    finally:
+        admin.close()
 
 
 def base_env(server: ServerSettings) -> dict[str, str]:
@@ -718,6 +734,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
     finally:
         if cluster is not None:
             cluster.destroy()
+        else:
+            with contextlib.suppress(psycopg2.Error):
+                drop_database(server)
 
 
 def machine_description() -> str:
