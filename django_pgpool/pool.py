@@ -96,6 +96,13 @@ _PERMANENT_CONNECT_ERRORS = (
 )
 
 
+def _requests(count: int, *, were: bool = False) -> str:
+    """ "1 request is" / "3 requests are" (or "was" / "were"), for messages."""
+    if count == 1:
+        return f"1 request {'was' if were else 'is'}"
+    return f"{count} requests {'were' if were else 'are'}"
+
+
 def _is_transient_connect_error(exc: BaseException) -> bool:
     message = str(exc).lower()
     return not any(marker in message for marker in _PERMANENT_CONNECT_ERRORS)
@@ -590,7 +597,7 @@ class ConnectionPool(ThreadedConnectionPool):
                     if not start_connector and max_waiting and len(self._waiters) >= max_waiting:
                         self._stats["requests_errors"] += 1
                         raise TooManyRequests(
-                            f"pool {self.name!r}: {len(self._waiters)} requests are already "
+                            f"pool {self.name!r}: {_requests(len(self._waiters))} already "
                             f"waiting for one of its {self.maxconn} connections "
                             f"(max_waiting={max_waiting}); raise max_waiting or max_size, or "
                             f"shed load"
@@ -650,19 +657,20 @@ class ConnectionPool(ThreadedConnectionPool):
                                 f"The database could not be reached for the last "
                                 f"{time.monotonic() - self._unreachable_since:.1f} s (last "
                                 f"error: {_exception_summary(unreachable)}); the pool keeps "
-                                f"trying to reconnect. {waiting} requests were waiting."
+                                f"trying to reconnect. {_requests(waiting, were=True)} waiting."
                             )
                         elif self._opening:
                             reason = (
                                 f"{self._opening} new connection(s) were still being opened "
                                 f"(logging in, or the first statement on it, is slow: is a "
                                 f"proxy such as PgBouncer out of server connections?). "
-                                f"{waiting} requests were waiting."
+                                f"{_requests(waiting, were=True)} waiting."
                             )
                         else:
                             reason = (
                                 f"All {self.maxconn} connections (max_size) were in use "
-                                f"({in_use} checked out) and {waiting} requests were waiting. "
+                                f"({in_use} checked out) and "
+                                f"{_requests(waiting, were=True)} waiting. "
                                 f"{self._describe_holders_locked()}Raise "
                                 f"OPTIONS['pool']['max_size'] if the database has room, or make "
                                 f"those give their connection back sooner."

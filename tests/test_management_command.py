@@ -227,7 +227,7 @@ def test_pgpool_check_says_when_the_database_cannot_be_reached_without_showing_t
     assert error.returncode == 2
     assert message.startswith("Alias 'down' cannot reach its database ")
     assert "Connection refused" in message
-    assert "1 requests were waiting. Check that the server runs" in message
+    assert "1 request was waiting. Check that the server runs" in message
     assert "HOST, PORT, NAME, USER and PASSWORD in DATABASES['down']" in message
     assert "hunter2" not in message
 

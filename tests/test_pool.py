@@ -97,7 +97,7 @@ def test_exhausted_pool_waits_then_times_out_with_a_clear_error(make_pool: Any) 
     assert "'orders-db'" in message
     assert "0.5 s" in message
     assert "All 2 connections (max_size)" in message
-    assert "1 requests were waiting" in message
+    assert "1 request was waiting" in message
     error = caught.value
     assert (error.pool_name, error.max_size, error.timeout, error.waiting) == (
         "orders-db",
