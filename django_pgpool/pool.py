@@ -582,6 +582,10 @@ class ConnectionPool(ThreadedConnectionPool):
                         needs_reset = True
                 if conn is not None:
                     self._checked_out[id(conn)] = conn
+                    # Numbered with the lock held, in the same step that marks it
+                    # checked out: a finalizer taking back an earlier checkout
+                    # of this connection must never match this one.
+                    conn._pgpool_checkout_id = next(_checkout_ids)
                 else:
                     if self._size < self.maxconn and self._unreachable is None:
                         # A free slot and the server was answering: a connector
@@ -698,6 +702,7 @@ class ConnectionPool(ThreadedConnectionPool):
                 conn = waiter.conn
                 with self._lock:
                     self._checked_out[id(conn)] = conn
+                    conn._pgpool_checkout_id = next(_checkout_ids)
                 return self._hand_out(
                     conn, key, bind_to_thread, keep_if, wait_started, time.monotonic()
                 )
@@ -791,7 +796,7 @@ class ConnectionPool(ThreadedConnectionPool):
         now: float,
     ) -> Any:
         conn._pgpool_checked_out_at = now
-        conn._pgpool_checkout_id = checkout_id = next(_checkout_ids)
+        checkout_id = conn._pgpool_checkout_id
         conn._pgpool_holder = threading.get_ident()
         if bind_to_thread:
             lease = _current_lease()
@@ -911,6 +916,7 @@ class ConnectionPool(ThreadedConnectionPool):
                 checked_out = False
             else:
                 checked_out = True
+                conn._pgpool_checkout_id = 0  # no finalizer may take it back now
                 self._stats["usage_ms"] += (now - conn._pgpool_checked_out_at) * 1000.0
                 if conn._pgpool_key is not None:
                     self._keyed.pop(conn._pgpool_key, None)
@@ -1272,6 +1278,7 @@ class ConnectionPool(ThreadedConnectionPool):
             conn._pgpool_origin = None
             conn._pgpool_leak_reported = False
             conn._pgpool_key = None
+            conn._pgpool_checkout_id = 0
             conn._pgpool_cursor_factory = conn.cursor_factory
             conn._pgpool_generation = self._generation
             lifetime = self.config.max_lifetime

@@ -508,6 +508,33 @@ def test_threads_that_end_without_closing_give_their_connection_back(peak_sample
         assert Author.objects.count() == 0  # and it keeps serving
 
 
+def test_a_late_take_back_never_touches_a_later_checkout_of_the_same_connection(
+    make_pool: Any,
+) -> None:
+    # A thread's end is reported twice (its lease and its Django wrapper), and
+    # the second report may arrive after the connection went to someone else.
+    pool = make_pool(min_size=0, max_size=1)
+    taken: list[tuple[Any, int]] = []
+
+    def forgetful() -> None:
+        conn = pool.getconn(bind_to_thread=True)
+        taken.append((conn, conn._pgpool_checkout_id))
+
+    thread = threading.Thread(target=forgetful)
+    thread.start()
+    thread.join()
+    conn, first_checkout = taken[0]
+    assert eventually(lambda: pool.stats()["connections_reclaimed"] == 1)
+    again = pool.getconn()
+    assert again is conn  # the only connection, checked out anew
+    pool.reclaim_abandoned(conn, first_checkout, "a late report of the first holder's end")
+    time.sleep(0.3)  # the worker has handled the report
+    stats = pool.stats()
+    assert stats["connections_reclaimed"] == 1 and stats["pool_in_use"] == 1
+    assert query_one(again, "SELECT 1") == 1
+    pool.putconn(again)
+
+
 # ------------------------------------------------------------------ leaks
 
 
