@@ -53,7 +53,8 @@ def test_shrinking_the_pool_closes_idle_connections_now_and_busy_ones_on_return(
     pool.putconn(conns[2])
     pool.putconn(conns[3])
     assert eventually(lambda: backends(admin, application_name=pool.application_name) == 1)
-    assert pool.stats()["pool_size"] == 1
+    # (The server may see a session end a moment before the pool counts it.)
+    assert eventually(lambda: pool.stats()["pool_size"] == 1)
 
 
 def test_resize_refuses_impossible_sizes(make_pool: Any) -> None:
