@@ -36,7 +36,7 @@ from .closing import inside_closing_connections  # noqa: E402
 from .config import parse_pool_options, pool_is_enabled  # noqa: E402
 from .creation import DatabaseCreation  # noqa: E402
 from .errors import PoolError  # noqa: E402
-from .pool import ConnectionPool  # noqa: E402
+from .pool import ConnectionPool, evaluated  # noqa: E402
 from .signals import send_pool_event  # noqa: E402
 
 logger = logging.getLogger("django_pgpool")
@@ -152,10 +152,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if self.alias == NO_DB_ALIAS or not pool_is_enabled(self.settings_dict):
             # A callable PASSWORD (rotating credentials) is evaluated per connection.
-            direct_params = {
-                key: value() if callable(value) and not isinstance(value, type) else value
-                for key, value in conn_params.items()
-            }
+            direct_params = {key: evaluated(value) for key, value in conn_params.items()}
             return super().get_new_connection(direct_params)
         pool = self._current_pool(conn_params)
         # As in Django's backend: the isolation level comes from OPTIONS and

@@ -15,6 +15,8 @@ from typing import Any
 
 from django.db.backends.postgresql.client import DatabaseClient as PostgreSQLClient
 
+from .pool import evaluated
+
 # libpq's parameter names, as connect_params() returns them, and where Django's
 # launcher looks for each.
 _SETTINGS_KEYS = {
@@ -27,11 +29,6 @@ _SETTINGS_KEYS = {
 }
 
 
-def _resolved(value: Any) -> Any:
-    # Classes (connection or cursor factories) are callable but are values.
-    return value() if callable(value) and not isinstance(value, type) else value
-
-
 class DatabaseClient(PostgreSQLClient):
     @classmethod
     def settings_to_cmd_args_env(
@@ -40,10 +37,10 @@ class DatabaseClient(PostgreSQLClient):
         options = dict(settings_dict.get("OPTIONS") or {})
         pool = options.pop("pool", None)
         resolved = {
-            key: _resolved(settings_dict.get(key))
+            key: evaluated(settings_dict.get(key))
             for key in ("HOST", "PORT", "NAME", "USER", "PASSWORD")
         }
-        resolved["OPTIONS"] = {key: _resolved(value) for key, value in options.items()}
+        resolved["OPTIONS"] = {key: evaluated(value) for key, value in options.items()}
         connect_params = pool.get("connect_params") if isinstance(pool, Mapping) else None
         if callable(connect_params):
             for key, value in dict(connect_params()).items():

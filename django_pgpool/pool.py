@@ -103,6 +103,15 @@ def _requests(count: int, *, were: bool = False) -> str:
     return f"{count} requests {'were' if were else 'are'}"
 
 
+def evaluated(value: Any) -> Any:
+    """A connection parameter's value for a new connection.
+
+    Credentials that change (a cloud IAM token) are given as a callable,
+    evaluated for every new connection. Factories are classes: left alone.
+    """
+    return value() if callable(value) and not isinstance(value, type) else value
+
+
 def _is_transient_connect_error(exc: BaseException) -> bool:
     message = str(exc).lower()
     return not any(marker in message for marker in _PERMANENT_CONNECT_ERRORS)
@@ -1227,14 +1236,8 @@ class ConnectionPool(ThreadedConnectionPool):
 
     def _open_connection(self) -> Any:
         """Connect and apply the session settings. Never called with the lock held."""
-        kwargs = dict(
-            self._connect_kwargs() if callable(self._connect_kwargs) else self._connect_kwargs
-        )
-        for key, value in list(kwargs.items()):
-            # Credentials that change (a cloud IAM token) are given as a callable,
-            # evaluated for every new connection. Factories are classes: left alone.
-            if callable(value) and not isinstance(value, type):
-                kwargs[key] = value()
+        given = self._connect_kwargs() if callable(self._connect_kwargs) else self._connect_kwargs
+        kwargs = {key: evaluated(value) for key, value in given.items()}
         if self.config.connect_params is not None:
             kwargs.update(self.config.connect_params())
         application_name = kwargs.get("application_name")
