@@ -904,6 +904,7 @@ class ConnectionPool(ThreadedConnectionPool):
                 )
         # What the connection itself says, before taking the lock: all local
         # state, no round trip.
+        needs_reset = False
         if close:
             problem = "the caller asked to close it"
         elif conn.closed:
@@ -918,7 +919,7 @@ class ConnectionPool(ThreadedConnectionPool):
                 problem = ""
                 if status in _OPEN_TRANSACTION_STATUSES:
                     self._report_open_transaction(conn, status, now)
-        needs_reset = not problem and self._needs_reset(conn)
+                needs_reset = self._needs_reset(conn, status)
         reset_here = queued = False
         with self._lock:
             if self._checked_out.pop(id(conn), None) is None:
@@ -1028,7 +1029,7 @@ class ConnectionPool(ThreadedConnectionPool):
             return "the pool was resized below its size"
         return ""
 
-    def _needs_reset(self, conn: Any) -> bool:
+    def _needs_reset(self, conn: Any, transaction_status: int) -> bool:
         """Whether a returned connection needs work before the next user gets it.
 
         A connection that ran SQL needs the session reset, unless resetting is
@@ -1039,7 +1040,7 @@ class ConnectionPool(ThreadedConnectionPool):
             del conn.notices[:]
         return bool(
             (conn._pgpool_dirty and self._resets_sessions)
-            or conn.get_transaction_status() != _TRANSACTION_IDLE
+            or transaction_status != _TRANSACTION_IDLE
             or not conn.autocommit
             or conn.isolation_level is not None
             or conn.readonly is not None
