@@ -177,13 +177,22 @@ def authentication_used(server: ServerSettings) -> str:
     return "trust (TCP, no password checked)"
 
 
-def prepare_database(server: ServerSettings, env: dict[str, str]) -> None:
+@contextlib.contextmanager
+def admin_cursor(server: ServerSettings) -> Iterator[Any]:
+    """A cursor on the server's maintenance database, in autocommit mode."""
     admin = server.connect(dbname="postgres")
     admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}"')
+    try:
+        with admin.cursor() as cursor:
+            yield cursor
+    finally:
+        admin.close()
+
+
+def prepare_database(server: ServerSettings, env: dict[str, str]) -> None:
+    drop_database(server)  # a leftover of an earlier run with the same process id
+    with admin_cursor(server) as cursor:
         cursor.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
-    admin.close()
     for command in (
         ["migrate", "--noinput", "-v", "0"],
         ["seed", "--books", str(BOOKS), "-v", "0"],
@@ -192,18 +201,13 @@ def prepare_database(server: ServerSettings, env: dict[str, str]) -> None:
 
 
 def drop_database(server: ServerSettings) -> None:
-    admin = server.connect(dbname="postgres")
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cursor:
-            # The app servers are stopped; a monitor connection may linger briefly.
-            cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                [BENCH_DATABASE],
-            )
-            cursor.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}"')
-    finally:
-        admin.close()
+    with admin_cursor(server) as cursor:
+        # The app servers are stopped; a monitor connection may linger briefly.
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            [BENCH_DATABASE],
+        )
+        cursor.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}"')
 
 
 def base_env(server: ServerSettings) -> dict[str, str]:
