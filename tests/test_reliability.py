@@ -59,18 +59,18 @@ def alias_settings(cluster: EmbeddedPostgres, alias: str, **pool: Any) -> dict[s
     return connections.configure_settings({"default": dict(entry), alias: entry})[alias]
 
 
-# ------------------------------------------------------------------ dead connections
+@contextmanager
+def steady_load(alias: str, threads: int) -> Iterator[list[tuple[float, float, bool]]]:
+    """Requests on ``alias`` from ``threads`` threads until the block ends.
 
-
-def test_after_a_restart_every_request_succeeds_once_the_server_accepts_connections(
-    cluster: EmbeddedPostgres, record_property: Any, django_db_blocker: Any
-) -> None:
-    alias = "restart-under-load"
-    settings_dict = alias_settings(cluster, alias, min_size=2, max_size=8, timeout=5)
-    results: list[tuple[float, float, bool]] = []  # started, finished, succeeded
+    Each request takes the thread's own Django connection, runs one query and
+    closes it, as a view does. Yields the list the requests are recorded in:
+    (started, finished, succeeded).
+    """
+    results: list[tuple[float, float, bool]] = []
     stop = threading.Event()
 
-    def steady_load(_: int) -> None:
+    def request_loop(_: int) -> None:
         db = connections[alias]  # this thread's own wrapper, as in a request
         while not stop.is_set():
             started = time.monotonic()
@@ -86,19 +86,34 @@ def test_after_a_restart_every_request_succeeds_once_the_server_accepts_connecti
             if not ok:
                 time.sleep(0.01)
 
-    load = threading.Thread(target=run_in_threads, args=(8, steady_load))
+    load = threading.Thread(target=run_in_threads, args=(threads, request_loop))
+    load.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        load.join()
+
+
+# ------------------------------------------------------------------ dead connections
+
+
+def test_after_a_restart_every_request_succeeds_once_the_server_accepts_connections(
+    cluster: EmbeddedPostgres, record_property: Any, django_db_blocker: Any
+) -> None:
+    alias = "restart-under-load"
+    settings_dict = alias_settings(cluster, alias, min_size=2, max_size=8, timeout=5)
     # The cluster is this test's own, not the test database.
-    with django_db_blocker.unblock(), extra_alias(alias, settings_dict):
-        load.start()
-        try:
-            time.sleep(1.0)
-            went_down = time.monotonic()
-            cluster.restart(down_for=1.0)
-            came_back = time.monotonic()
-            time.sleep(2.0)
-        finally:
-            stop.set()
-            load.join()
+    with (
+        django_db_blocker.unblock(),
+        extra_alias(alias, settings_dict),
+        steady_load(alias, threads=8) as results,
+    ):
+        time.sleep(1.0)
+        went_down = time.monotonic()
+        cluster.restart(down_for=1.0)
+        came_back = time.monotonic()
+        time.sleep(2.0)
 
     before = [ok for _, finished, ok in results if finished < went_down]
     during = [
@@ -121,29 +136,8 @@ def test_after_a_backend_crash_the_pool_recovers_with_the_server(
     # ones are refused ("the database system is in recovery mode").
     alias = "backend-crash"
     settings_dict = alias_settings(cluster, alias, min_size=2, max_size=4, timeout=10)
-    results: list[tuple[float, bool]] = []  # started, succeeded
-    stop = threading.Event()
-
-    def steady_load(_: int) -> None:
-        db = connections[alias]
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                with db.cursor() as cursor:
-                    cursor.execute("SELECT count(*) FROM pg_class")
-                ok = True
-            except DatabaseError:
-                ok = False
-            finally:
-                db.close()
-            results.append((started, ok))
-            if not ok:
-                time.sleep(0.01)
-
-    load = threading.Thread(target=run_in_threads, args=(4, steady_load))
     with django_db_blocker.unblock(), extra_alias(alias, settings_dict):
-        load.start()
-        try:
+        with steady_load(alias, threads=4) as results:
             time.sleep(0.5)
             pool = connections[alias].pool
             assert pool is not None
@@ -162,12 +156,9 @@ def test_after_a_backend_crash_the_pool_recovers_with_the_server(
             assert eventually(cluster.accepting, timeout=30)
             came_back = time.monotonic()
             time.sleep(2.0)
-        finally:
-            stop.set()
-            load.join()
         after_stats = pool.stats()
 
-    after = [ok for started, ok in results if started >= came_back + 0.1]
+    after = [ok for started, _, ok in results if started >= came_back + 0.1]
     assert len(after) > 50
     assert all(after), f"{after.count(False)} requests failed after the server was back"
     # The connections died with the crash: they were closed and replaced.
