@@ -446,9 +446,13 @@ class ConnectionPool(ThreadedConnectionPool):
                 self._size += 1
             try:
                 conn = self._open_connection()
-            except psycopg2.Error as exc:
+            except BaseException as exc:
+                # Whatever ends the attempt, a signal handler's exception
+                # included, the reserved slot is given back.
                 with self._lock:
                     self._release_slot_locked()
+                if not isinstance(exc, psycopg2.Error):
+                    raise
                 last_error = exc
                 if time.monotonic() >= deadline:
                     raise PoolTimeout(
@@ -569,7 +573,6 @@ class ConnectionPool(ThreadedConnectionPool):
             self._start_worker()
 
         waiter: _Waiter | None = None
-        deadline = 0.0
         wait_started = 0.0
         counted = False
         while True:
@@ -620,24 +623,33 @@ class ConnectionPool(ThreadedConnectionPool):
                     self._stats["requests_queued"] += 1
 
             if conn is not None:
-                now = time.monotonic()
-                if needs_reset:
-                    usable = self._reset_connection(conn) and not self._retirement_reason(conn, now)
-                else:
-                    last_used = conn._pgpool_last_used
-                    # The common case, inline: recently used, not expired or
-                    # drained, nothing unexpected on its socket. No round trip.
-                    idle_for = now - last_used
-                    usable = (
-                        idle_for <= self._check_window
-                        and last_used >= self._suspect_before
-                        and now < conn._pgpool_expires_at
-                        and conn._pgpool_generation == self._generation
-                        and not conn.closed
-                        and (idle_for < SOCKET_CHECK_AFTER or not conn._pgpool_poller.poll(0))
-                    ) or self._is_usable(conn, now)
-                if usable:
-                    return self._hand_out(conn, key, bind_to_thread, keep_if, wait_started, now)
+                try:
+                    now = time.monotonic()
+                    if needs_reset:
+                        usable = self._reset_connection(conn) and not self._retirement_reason(
+                            conn, now
+                        )
+                    else:
+                        last_used = conn._pgpool_last_used
+                        # The common case, inline: recently used, not expired or
+                        # drained, nothing unexpected on its socket. No round trip.
+                        idle_for = now - last_used
+                        usable = (
+                            idle_for <= self._check_window
+                            and last_used >= self._suspect_before
+                            and now < conn._pgpool_expires_at
+                            and conn._pgpool_generation == self._generation
+                            and not conn.closed
+                            and (idle_for < SOCKET_CHECK_AFTER or not conn._pgpool_poller.poll(0))
+                        ) or self._is_usable(conn, now)
+                    if usable:
+                        return self._hand_out(conn, key, bind_to_thread, keep_if, wait_started, now)
+                except BaseException:
+                    # Interrupted (a signal handler, gevent.Timeout) halfway
+                    # through a check or a reset: the connection's state is
+                    # unknown, so it goes, and its slot with it.
+                    self._discard_checked_out(conn, "its checkout was interrupted")
+                    raise
                 self._discard_checked_out(conn, "it failed its check")
                 continue
 
@@ -646,76 +658,107 @@ class ConnectionPool(ThreadedConnectionPool):
 
             # Wait for a connection to be handed to us.
             assert waiter is not None
-            now = time.monotonic()
             if not wait_started:
-                wait_started = now
-                deadline = now + (self.config.timeout if timeout is None else timeout)
-            woken = waiter.event.acquire(timeout=max(0.0, deadline - now))
-            if not woken:
-                waited_for = self.config.timeout if timeout is None else timeout
-                error: PoolTimeout | None = None
-                with self._lock:
-                    try:
-                        self._waiters.remove(waiter)
-                    except ValueError:
-                        pass  # handed something just as the time ran out: take it
-                    else:
-                        self._stats["requests_errors"] += 1
-                        self._stats["requests_timeouts"] += 1
-                        waiting = len(self._waiters) + 1
-                        in_use = len(self._checked_out)
-                        unreachable = self._unreachable
-                        if unreachable is not None:
-                            reason = (
-                                f"The database could not be reached for the last "
-                                f"{time.monotonic() - self._unreachable_since:.1f} s (last "
-                                f"error: {_exception_summary(unreachable)}); the pool keeps "
-                                f"trying to reconnect. {_requests(waiting, were=True)} waiting."
-                            )
-                        elif self._opening:
-                            reason = (
-                                f"{self._opening} new connection(s) were still being opened "
-                                f"(logging in, or the first statement on it, is slow: is a "
-                                f"proxy such as PgBouncer out of server connections?). "
-                                f"{_requests(waiting, were=True)} waiting."
-                            )
-                        else:
-                            reason = (
-                                f"All {self.maxconn} connections (max_size) were in use "
-                                f"({in_use} checked out) and "
-                                f"{_requests(waiting, were=True)} waiting. "
-                                f"{self._describe_holders_locked()}Raise "
-                                f"OPTIONS['pool']['max_size'] if the database has room, or make "
-                                f"those give their connection back sooner."
-                            )
-                        error = PoolTimeout(
-                            f"pool {self.name!r}: no connection became available within "
-                            f"{waited_for:g} s. {reason}",
-                            pool_name=self.name,
-                            max_size=self.maxconn,
-                            timeout=waited_for,
-                            waiting=waiting,
-                        )
-                if error is not None:
-                    self._emit(
-                        "pool_exhausted",
-                        max_size=self.maxconn,
-                        timeout=waited_for,
-                        waiting=error.waiting,
-                        unreachable=self._unreachable is not None,
-                    )
-                    raise error
-            if waiter.error is not None:
-                raise waiter.error
-            if waiter.conn is not None:
-                conn = waiter.conn
-                with self._lock:
-                    self._checked_out[id(conn)] = conn
-                    conn._pgpool_checkout_id = next(_checkout_ids)
+                wait_started = time.monotonic()
+            try:
+                conn = self._wait(waiter, wait_started, timeout)
                 return self._hand_out(
                     conn, key, bind_to_thread, keep_if, wait_started, time.monotonic()
                 )
-            waiter = None  # pragma: no cover - woken with nothing: wait again
+            except BaseException:
+                # Whatever ended the wait (a timeout, or an exception raised
+                # by a signal handler, gevent.Timeout or another thread), the
+                # waiter leaves the queue, and a connection already handed to
+                # it goes to the next waiter or back to the pool.
+                self._abandon_wait(waiter)
+                raise
+
+    def _abandon_wait(self, waiter: _Waiter) -> None:
+        """Take a waiter that gave up out of the queue, passing on what it was handed."""
+        with self._lock:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+            else:
+                return
+            conn: Any = waiter.conn
+            waiter.conn = None
+            if conn is None:
+                return
+            if id(conn) in self._checked_out:
+                del self._checked_out[id(conn)]
+                conn._pgpool_checkout_id = 0
+                if conn._pgpool_key is not None:
+                    self._keyed.pop(conn._pgpool_key, None)
+                    conn._pgpool_key = None
+            self._make_available_locked(conn)
+        _release_lease(conn)
+
+    def _wait(self, waiter: _Waiter, wait_started: float, timeout: float | None) -> Any:
+        """Wait until a connection is handed to ``waiter``; return it checked out."""
+        waited_for = self.config.timeout if timeout is None else timeout
+        deadline = wait_started + waited_for
+        if not waiter.event.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            error: PoolTimeout | None = None
+            with self._lock:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass  # handed something just as the time ran out: take it
+                else:
+                    self._stats["requests_errors"] += 1
+                    self._stats["requests_timeouts"] += 1
+                    waiting = len(self._waiters) + 1
+                    in_use = len(self._checked_out)
+                    unreachable = self._unreachable
+                    if unreachable is not None:
+                        reason = (
+                            f"The database could not be reached for the last "
+                            f"{time.monotonic() - self._unreachable_since:.1f} s (last "
+                            f"error: {_exception_summary(unreachable)}); the pool keeps "
+                            f"trying to reconnect. {_requests(waiting, were=True)} waiting."
+                        )
+                    elif self._opening:
+                        reason = (
+                            f"{self._opening} new connection(s) were still being opened "
+                            f"(logging in, or the first statement on it, is slow: is a "
+                            f"proxy such as PgBouncer out of server connections?). "
+                            f"{_requests(waiting, were=True)} waiting."
+                        )
+                    else:
+                        reason = (
+                            f"All {self.maxconn} connections (max_size) were in use "
+                            f"({in_use} checked out) and "
+                            f"{_requests(waiting, were=True)} waiting. "
+                            f"{self._describe_holders_locked()}Raise "
+                            f"OPTIONS['pool']['max_size'] if the database has room, or make "
+                            f"those give their connection back sooner."
+                        )
+                    error = PoolTimeout(
+                        f"pool {self.name!r}: no connection became available within "
+                        f"{waited_for:g} s. {reason}",
+                        pool_name=self.name,
+                        max_size=self.maxconn,
+                        timeout=waited_for,
+                        waiting=waiting,
+                    )
+            if error is not None:
+                self._emit(
+                    "pool_exhausted",
+                    max_size=self.maxconn,
+                    timeout=waited_for,
+                    waiting=error.waiting,
+                    unreachable=self._unreachable is not None,
+                )
+                raise error
+        if waiter.error is not None:
+            raise waiter.error
+        conn = waiter.conn
+        with self._lock:
+            self._checked_out[id(conn)] = conn
+            conn._pgpool_checkout_id = next(_checkout_ids)
+        return conn
 
     def _describe_holders_locked(self, most: int = 5) -> str:
         """Who holds the checked-out connections, longest first. Lock held."""
@@ -961,7 +1004,12 @@ class ConnectionPool(ThreadedConnectionPool):
         if queued:
             self._signal_worker()
         elif reset_here:
-            self._finish_reset(conn, self._reset_connection(conn))
+            usable = False
+            try:
+                usable = self._reset_connection(conn)
+            finally:
+                # Even when interrupted halfway (then the connection goes).
+                self._finish_reset(conn, usable)
         elif not checked_out:
             if self._pid != os.getpid():
                 _detach_sockets([conn])  # inherited from the parent process: not ours
@@ -1668,9 +1716,9 @@ class ConnectionPool(ThreadedConnectionPool):
         """Take a connection for a ``with`` block run as one transaction: committed
         on success, rolled back on error, and the connection always given back."""
         conn = self.getconn(timeout=timeout, bind_to_thread=True)
-        # Pooled connections rest in autocommit; the reset on return restores it.
-        conn.autocommit = False
         try:
+            # Pooled connections rest in autocommit; the reset on return restores it.
+            conn.autocommit = False
             yield conn
             if not conn.closed and not conn.autocommit:
                 conn.commit()
