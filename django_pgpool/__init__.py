@@ -95,7 +95,9 @@ def getconn(alias: str = "default", timeout: float | None = None) -> Any:
 
 def putconn(conn: Any, close: bool = False) -> None:
     """Give back a connection taken with :func:`getconn` (``close=True`` discards it)."""
-    owner = getattr(conn, "_pgpool_pool", None)
+    from .pooled_connection import pool_of
+
+    owner = pool_of(conn)
     if owner is None:
         raise PoolError("this connection was not taken from a django_pgpool pool")
     owner.putconn(conn, close=close)

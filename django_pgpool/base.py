@@ -36,7 +36,8 @@ from .closing import inside_closing_connections  # noqa: E402
 from .config import parse_pool_options, pool_is_enabled  # noqa: E402
 from .creation import DatabaseCreation  # noqa: E402
 from .errors import PoolError  # noqa: E402
-from .pool import ConnectionPool, evaluated  # noqa: E402
+from .pool import ConnectionPool  # noqa: E402
+from .pooled_connection import evaluated, pool_of  # noqa: E402
 from .signals import send_pool_event  # noqa: E402
 
 logger = logging.getLogger("django_pgpool")
@@ -87,8 +88,9 @@ def _give_back_if_abandoned(checkout: _Checkout) -> None:
     # Django closes a connection whose wrapper is garbage collected; a pooled
     # one must go back to its pool instead of pinning a slot forever.
     connection = checkout.connection
-    if connection is not None:
-        connection._pgpool_pool.reclaim_abandoned(
+    pool = pool_of(connection)
+    if pool is not None:
+        pool.reclaim_abandoned(
             connection,
             checkout.checkout_id,
             "its Django connection object was garbage collected without being closed",
@@ -123,7 +125,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         """
         if self.alias == NO_DB_ALIAS or not pool_is_enabled(self.settings_dict):
             return None
-        owner: ConnectionPool | None = getattr(self.connection, "_pgpool_pool", None)
+        owner = pool_of(self.connection)
         if owner is not None:
             return owner
         return self._current_pool(self.get_connection_params())
@@ -181,7 +183,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         connection = pool.getconn(bind_to_thread=True, keep_if=self._shared_with_other_threads)
         checkout = self._checkout
         checkout.connection = connection
-        checkout.checkout_id = connection._pgpool_checkout_id
+        checkout.checkout_id = connection.pool_entry.checkout_id
         if set_isolation_level:
             connection.isolation_level = self.isolation_level
         return connection
@@ -225,7 +227,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         connection = self.connection
         if connection is None:
             return
-        pool = getattr(connection, "_pgpool_pool", None)
+        pool = pool_of(connection)
         if pool is None:
             super()._close()  # type: ignore[misc]
             return
@@ -277,8 +279,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def close_if_unusable_or_obsolete(self) -> None:
         connection = self.connection
         if connection is not None:
-            pool = getattr(connection, "_pgpool_pool", None)
-            if pool is not None and pool._pid != os.getpid():
+            pool = pool_of(connection)
+            if pool is not None and pool.pid != os.getpid():
                 # Inherited through a fork the pool couldn't see (one made
                 # outside Python, as uWSGI does): the parent's, not ours.
                 self.connection = None

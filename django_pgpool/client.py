@@ -15,7 +15,7 @@ from typing import Any
 
 from django.db.backends.postgresql.client import DatabaseClient as PostgreSQLClient
 
-from .pool import evaluated
+from .pooled_connection import evaluated
 
 # libpq's parameter names, as connect_params() returns them, and where Django's
 # launcher looks for each.

@@ -8,7 +8,7 @@ differ (the test runner switching ``NAME`` to the test database,
 new one built. A pool never serves a database or settings it wasn't built for.
 
 Pools belong to the process that built them: after ``fork()`` the child starts
-with none (see :func:`_forget_pools_in_child`).
+with none (:mod:`.process` runs :func:`_forget_pools_in_child` there).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from .pool import ConnectionPool, live_pools
+from . import process
+from .pool import ConnectionPool
+from .pooled_connection import pool_of
 
 _pools: dict[str, ConnectionPool] = {}
 _identities: dict[str, Hashable] = {}
@@ -31,7 +33,7 @@ def lookup(alias: str, identity: Any) -> ConnectionPool | None:
     if (
         pool is not None
         and not pool.closed
-        and pool._pid == os.getpid()
+        and pool.pid == os.getpid()
         and _identities.get(alias) == identity
     ):
         return pool
@@ -57,7 +59,7 @@ def install(alias: str, identity: Any, build: Callable[[], ConnectionPool]) -> C
 def get(alias: str) -> ConnectionPool | None:
     """The alias's current pool in this process, if one was built."""
     pool = _pools.get(alias)
-    if pool is not None and pool._pid != os.getpid():
+    if pool is not None and pool.pid != os.getpid():
         return None
     return pool
 
@@ -65,7 +67,7 @@ def get(alias: str) -> ConnectionPool | None:
 def pools() -> dict[str, ConnectionPool]:
     """Every alias's current pool in this process."""
     pid = os.getpid()
-    return {alias: pool for alias, pool in list(_pools.items()) if pool._pid == pid}
+    return {alias: pool for alias, pool in list(_pools.items()) if pool.pid == pid}
 
 
 def close(alias: str) -> None:
@@ -105,7 +107,7 @@ def close_for_database(database_name: str, *, force: bool = False) -> None:
         for alias in aliases:
             _identities.pop(alias, None)
     # Pools retired by a settings change may still have connections out.
-    for pool in live_pools():
+    for pool in process.live_pools():
         if pool.dbname == database_name:
             closing[id(pool)] = pool
     for pool in closing.values():
@@ -118,7 +120,7 @@ def _database_of(identity: Any) -> Any:
 
 
 def _forget_pools_in_child() -> None:
-    """After fork: the parent's pools are not ours (the pool module detaches their sockets)."""
+    """After fork: the parent's pools are not ours (:mod:`.process` detached their sockets)."""
     global _lock
     _lock = threading.Lock()
     _pools.clear()
@@ -137,13 +139,11 @@ def _drop_inherited_django_connections() -> None:
         if not settings.configured:
             return
         for wrapper in connections.all(initialized_only=True):
-            conn = getattr(wrapper, "connection", None)
-            pool = getattr(conn, "_pgpool_pool", None)
-            if pool is not None and pool._pid != os.getpid():
+            pool = pool_of(getattr(wrapper, "connection", None))
+            if pool is not None and pool.pid != os.getpid():
                 wrapper.connection = None
     except Exception:  # pragma: no cover - never fail a fork
         pass
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools_in_child)
+process.after_fork_in_child(_forget_pools_in_child)

@@ -266,7 +266,7 @@ def test_pool_false_connects_directly_like_djangos_own_backend(fresh_pools: None
         connection.settings_dict["OPTIONS"]["pool"] = False
         assert connection.pool is None
         Author.objects.count()
-        assert not hasattr(connection.connection, "_pgpool_pool")
+        assert not hasattr(connection.connection, "pool_entry")
         assert "default" not in django_pgpool.stats()
 
 

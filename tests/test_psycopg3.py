@@ -40,7 +40,7 @@ result = {{
     "driver": type(connection.connection).__mro__[1].__module__,
     "is_psycopg2": isinstance(connection.connection, psycopg2.extensions.connection),
     "django_is_psycopg3": is_psycopg3,
-    "pooled": hasattr(connection.connection, "_pgpool_pool"),
+    "pooled": hasattr(connection.connection, "pool_entry"),
 }}
 try:
     import psycopg

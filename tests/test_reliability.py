@@ -206,7 +206,7 @@ def test_once_a_dead_connection_is_found_the_others_idle_beside_it_are_checked(
         conn = pool.getconn()  # finds a dead one, then checks the rest in the background
         assert query_one(conn, "SELECT 1") == 1
         pool.putconn(conn)
-        assert eventually(lambda: pool.stats()["connections_lost"] == 3)
+        assert eventually(lambda: pool.stats()["connections_lost"] == 3), pool.stats()
     finally:
         pool.close()
 
@@ -288,7 +288,7 @@ def test_a_connection_past_its_lifetime_is_never_handed_out_even_if_it_sat_idle(
 def test_lifetimes_are_jittered_so_connections_do_not_expire_together(make_pool: Any) -> None:
     pool = make_pool(min_size=0, max_size=8, max_lifetime=100.0)
     held = run_in_threads(8, lambda _: pool.getconn())
-    lifetimes = [c._pgpool_expires_at - c._pgpool_created_at for c in held]
+    lifetimes = [c.pool_entry.expires_at - c.pool_entry.created_at for c in held]
     for conn in held:
         pool.putconn(conn)
     assert all(95.0 <= lifetime <= 100.0 for lifetime in lifetimes)
@@ -509,7 +509,7 @@ def test_a_late_take_back_never_touches_a_later_checkout_of_the_same_connection(
 
     def forgetful() -> None:
         conn = pool.getconn(bind_to_thread=True)
-        taken.append((conn, conn._pgpool_checkout_id))
+        taken.append((conn, conn.pool_entry.checkout_id))
 
     thread = threading.Thread(target=forgetful)
     thread.start()
