@@ -196,62 +196,48 @@ class ConnectionPool(ThreadedConnectionPool):
         counted = False
         while True:
             # Critical section: an idle connection, else a place in the queue
-            # (and a slot to open a connection for it, if there is room).
+            # (and a slot to open a connection for it, if one is needed).
             waiter = None
-            needs_reset = start_connector = False
+            start_connector = False
             with slots.lock:
                 if slots.closed:
                     raise PoolClosed(f"pool {self.name!r} is closed")
                 if not counted:
                     slots.counters.values["requests_num"] += 1
                     counted = True
-                conn = None
-                if not slots.waiters:
-                    if slots.idle:
-                        conn = slots.idle.pop()
-                    elif slots.resets:
-                        # Its reset hasn't started: do it here rather than wait.
-                        conn = slots.resets.popleft()
-                        needs_reset = True
-                if conn is not None:
+                if slots.idle and not slots.waiters:
+                    conn = slots.idle.pop()
                     slots.check_out_locked(conn)
                 else:
-                    # Rather than wait for a connection being reset: one more
-                    # connection lets every later reset overlap with the next
-                    # request instead of delaying it.
                     start_connector = slots.may_open_locked(self.outage.error is None)
                     if not start_connector:
                         self._refuse_if_queue_full_locked()
                     waiter = slots.queue_locked()
 
-            if conn is not None:
+            if waiter is not None:
+                if start_connector:
+                    self.opener.start_connector()
+                if not wait_started:
+                    wait_started = time.monotonic()
                 try:
-                    if self._ready(conn, needs_reset):
-                        return self._hand_out(conn, key, bind_to_thread, keep_if, wait_started)
+                    conn = self._wait(waiter, wait_started, timeout)
                 except BaseException:
-                    # Interrupted (a signal handler, gevent.Timeout) halfway
-                    # through a check or a reset: the connection's state is
-                    # unknown, so it goes, and its slot with it.
-                    self._discard_checked_out(conn, "its checkout was interrupted")
+                    # Whatever ended the wait (a timeout, or an exception
+                    # raised by a signal handler, gevent.Timeout or another
+                    # thread), the waiter leaves the queue, and a connection
+                    # already handed to it goes to the next waiter or back.
+                    slots.abandon(waiter)
                     raise
-                self._discard_checked_out(conn, "it failed its check")
-                continue
-
-            assert waiter is not None
-            if start_connector:
-                self.opener.start_connector()
-            if not wait_started:
-                wait_started = time.monotonic()
             try:
-                conn = self._wait(waiter, wait_started, timeout)
-                return self._hand_out(conn, key, bind_to_thread, keep_if, wait_started)
+                if self._ready(conn, handed_over=waiter is not None):
+                    return self._hand_out(conn, key, bind_to_thread, keep_if, wait_started)
             except BaseException:
-                # Whatever ended the wait (a timeout, or an exception raised
-                # by a signal handler, gevent.Timeout or another thread), the
-                # waiter leaves the queue, and a connection already handed to
-                # it goes to the next waiter or back to the pool.
-                slots.abandon(waiter)
+                # Interrupted (a signal handler, gevent.Timeout) halfway
+                # through a check or reading its reset: the connection's state
+                # is unknown, so it goes, and its slot with it.
+                self._discard_checked_out(conn, "its checkout was interrupted")
                 raise
+            self._discard_checked_out(conn, "it failed its check")
 
     def _refuse_if_queue_full_locked(self) -> None:
         max_waiting = self.config.max_waiting
@@ -262,14 +248,21 @@ class ConnectionPool(ThreadedConnectionPool):
                 too_many_requests_message(self.name, waiting, self.maxconn, max_waiting)
             )
 
-    def _ready(self, conn: Any, needs_reset: bool) -> bool:
-        """Whether a connection just taken may be handed out (resetting it first if needed)."""
+    def _ready(self, conn: Any, handed_over: bool) -> bool:
+        """Whether a connection just taken may be handed out.
+
+        Its reset, if one was sent when it was returned, is finished first.
+        One handed over by a returning thread or a connector is fresh; one
+        taken from the idle stack is checked as its idle time requires.
+        """
         entry = conn.pool_entry
-        now = time.monotonic()
-        if needs_reset:
-            return self.connector.reset(conn) and not self._retirement_reason(conn, now)
+        if entry.reset_pending and not self.connector.finish_reset(conn):
+            return False
+        if handed_over:
+            return True
         # The common case, inline: recently used, not expired or drained,
         # nothing unexpected on its socket. No round trip.
+        now = time.monotonic()
         last_used = entry.last_used
         idle_for = now - last_used
         return (
@@ -408,7 +401,6 @@ class ConnectionPool(ThreadedConnectionPool):
         # state, no round trip.
         problem, needs_reset = self._return_state(conn, close, now)
         slots = self.slots
-        queued = False
         with slots.lock:
             checked_out = slots.checked_out.pop(id(conn), None) is not None
             if checked_out:
@@ -429,21 +421,12 @@ class ConnectionPool(ThreadedConnectionPool):
                 if not problem:
                     entry.last_used = now
                     if not needs_reset:
-                        # The common case: to the longest waiter, or idle.
+                        # Nothing ran: to the longest waiter, or idle.
                         slots.make_available_locked(conn)
                         return
-                    if slots.waiters:
-                        # Someone is waiting: reset here and hand it straight over.
-                        slots.resetting += 1
-                    else:
-                        # The worker resets it while this thread moves on: the
-                        # round trip overlaps with other work.
-                        slots.resets.append(conn)
-                        queued = True
-        if queued:
-            self._submit(self._reset_queued)
-        elif checked_out and not problem:
-            self._reset_and_hand_on(conn)
+                    slots.resetting += 1
+        if checked_out and not problem:
+            self._reset_and_make_available(conn)
         elif not checked_out:
             self._returned_twice(conn)
         else:
@@ -492,11 +475,16 @@ class ConnectionPool(ThreadedConnectionPool):
             f"this connection is not checked out from pool {self.name!r} (returned twice?)"
         )
 
-    def _reset_and_hand_on(self, conn: Any) -> None:
-        """Reset a returned connection (counted in ``resetting``), then pass it on."""
+    def _reset_and_make_available(self, conn: Any) -> None:
+        """Start a returned connection's reset (it is counted in ``resetting``), then pass it on.
+
+        The reset is sent outside the lock and before the connection becomes
+        available, so nobody can take it with its reset unsent; whoever takes
+        it reads the reset's answer first.
+        """
         usable = False
         try:
-            usable = self.connector.reset(conn)
+            usable = self.connector.begin_reset(conn)
         finally:
             # Even when interrupted halfway (then the connection goes).
             slots = self.slots
@@ -511,21 +499,6 @@ class ConnectionPool(ThreadedConnectionPool):
                     slots.make_available_locked(conn)
             if reason:
                 self.retire(conn, reason)
-
-    def _reset_queued(self) -> None:
-        """Worker task: reset the returned connections nobody took meanwhile."""
-        slots = self.slots
-        while True:
-            with slots.lock:
-                if not slots.resets:
-                    return
-                conn = slots.resets.popleft()
-                slots.resetting += 1
-            self._reset_and_hand_on(conn)
-
-    def _retirement_reason(self, conn: Any, now: float) -> str:
-        with self.slots.lock:
-            return self._retirement_reason_locked(conn, now)
 
     def _retirement_reason_locked(self, conn: Any, now: float) -> str:
         """Why a healthy connection must not be used again, or "" if it may. Lock held."""

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 import psycopg2.extensions as ext
 
+from . import libpq
+
 if TYPE_CHECKING:
     from .config import PoolConfig
     from .counters import Counters
@@ -44,6 +46,11 @@ RESET_SQL = (
     "UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; "
     "DISCARD SEQUENCES"
 )
+
+#: How long the pool waits for the answer to a session reset it sent when the
+#: connection was returned (seconds). It is normally there already; a server
+#: that has not answered by then is treated as gone and the connection closed.
+RESET_ANSWER_TIMEOUT = 5.0
 
 #: A connection's ``max_lifetime`` is shortened by up to this fraction, at
 #: random, so that connections opened together don't all expire together.
@@ -78,6 +85,7 @@ class Entry:
         "origin",
         "poller",
         "pool",
+        "reset_pending",
     )
 
     def __init__(self, pool: ConnectionPool, conn: Any, lifetime: float | None) -> None:
@@ -94,6 +102,9 @@ class Entry:
         self.checked_out_at = now
         #: Whether it ran anything since its last reset.
         self.dirty = False
+        #: Whether a reset was sent whose answer has not been read yet: nothing
+        #: may use the connection before it is (``Connector.finish_reset``).
+        self.reset_pending = False
         #: The number of its current checkout; 0 while it is in the pool.
         self.checkout_id = 0
         #: The thread that checked it out (``threading.get_ident()``).
@@ -249,6 +260,8 @@ class Connector:
         self.reset_sql = RESET_SQL if reset is True else reset if isinstance(reset, str) else ""
         self.reset_callable = reset if callable(reset) else None
         self.resets_sessions = reset is not False
+        # The reset message, by whether startup settings work (it may change once).
+        self._reset_messages: dict[bool, bytes] = {}
 
     # ------------------------------------------------------------------ opening
 
@@ -331,6 +344,8 @@ class Connector:
         self.counters.add("checks_num")
         entry = conn.pool_entry
         was_dirty = entry.dirty
+        if entry.reset_pending and not self.finish_reset(conn):
+            return psycopg2.OperationalError("its reset failed")
         try:
             if self.config.check is not None:
                 self.config.check(conn)
@@ -372,13 +387,24 @@ class Connector:
             or conn.notifies
         )
 
-    def reset(self, conn: Any) -> bool:
-        """Bring a returned connection back to a fresh session; False if it is unusable."""
+    def begin_reset(self, conn: Any) -> bool:
+        """Start bringing a returned connection back to a fresh session; False if unusable.
+
+        Here, in the returning thread: an open transaction is rolled back (a
+        round trip, but only for a connection returned mid-transaction) and
+        psycopg2's session characteristics restored (local). Then, if the
+        connection ran anything, the session reset is *sent* without waiting
+        for its answer; :meth:`finish_reset` reads that answer before anyone
+        uses the connection again, so the reset costs no round trip of its
+        own. A reset callable, or a psycopg2 build whose libpq can't be
+        reached, resets here and now instead.
+        """
         entry = conn.pool_entry
         try:
-            if conn.closed or conn.info.transaction_status in UNUSABLE_STATUSES:
+            status = conn.info.transaction_status
+            if conn.closed or status in UNUSABLE_STATUSES:
                 return False
-            if conn.info.transaction_status != TRANSACTION_IDLE:
+            if status != TRANSACTION_IDLE:
                 if conn.autocommit:
                     # A transaction opened with a literal BEGIN: psycopg2's
                     # rollback() does nothing in autocommit mode.
@@ -398,7 +424,10 @@ class Connector:
                     deferrable="DEFAULT",
                     autocommit=True,
                 )
-            if entry.dirty:
+            del conn.notifies[:]
+            if conn.cursor_factory is not entry.cursor_factory:
+                conn.cursor_factory = entry.cursor_factory
+            if entry.dirty and self.resets_sessions:
                 if self.reset_callable is not None:
                     self.reset_callable(conn)
                     if conn.info.transaction_status != TRANSACTION_IDLE:
@@ -409,18 +438,16 @@ class Connector:
                         )
                         return False
                     self._apply_session(conn, "")
+                elif libpq.available():
+                    if not libpq.send(conn, self._reset_message(conn)):
+                        return False
+                    entry.reset_pending = True
                 elif self.reset_sql is RESET_SQL and self._discard_all_suffices():
-                    # One statement, as cheap as SELECT 1; it restores the
-                    # startup settings (Django's time zone) by itself.
                     with conn.cursor() as cursor:
                         cursor.execute("DISCARD ALL")
-                elif self.reset_sql:
+                else:
                     self._apply_session(conn, self.reset_sql)
                 self.counters.add("resets_num")
-            del conn.notifies[:]
-            del conn.notices[:]
-            if conn.cursor_factory is not entry.cursor_factory:
-                conn.cursor_factory = entry.cursor_factory
         except Exception as exc:
             logger.info(
                 "pool %r: discarding a connection whose reset failed (%s)",
@@ -429,8 +456,42 @@ class Connector:
             )
             return False
         entry.dirty = False
-        entry.last_used = time.monotonic()
         return True
+
+    def finish_reset(self, conn: Any) -> bool:
+        """Read the answer to the reset :meth:`begin_reset` sent; False if it failed.
+
+        Called before anything else uses the connection. The answer has
+        normally long arrived; a server that does not answer within
+        ``RESET_ANSWER_TIMEOUT`` costs this connection, not the pool.
+        """
+        entry = conn.pool_entry
+        entry.reset_pending = False
+        failure = libpq.finish(conn, RESET_ANSWER_TIMEOUT)
+        if not failure:
+            return True
+        logger.info(
+            "pool %r: discarding a connection whose reset failed (%s)",
+            self.name,
+            failure.splitlines()[0],
+        )
+        return False
+
+    def _reset_message(self, conn: Any) -> bytes:
+        """The statements :meth:`begin_reset` sends, as one message."""
+        cached = self._reset_messages.get(self.startup_settings_work)
+        if cached is not None:
+            return cached
+        if self.reset_sql is RESET_SQL and self._discard_all_suffices():
+            # One statement, as cheap as SELECT 1; it restores the startup
+            # settings (Django's time zone) by itself.
+            message = b"DISCARD ALL"
+        else:
+            statements, params = self._session_statements(self.reset_sql)
+            with conn.cursor() as cursor:  # mogrify() is local: no round trip
+                message = cursor.mogrify("; ".join(statements), params or None)
+        self._reset_messages[self.startup_settings_work] = message
+        return message
 
     def _discard_all_suffices(self) -> bool:
         """Whether ``DISCARD ALL`` alone leaves the session as its users expect."""
@@ -438,6 +499,13 @@ class Connector:
 
     def _apply_session(self, conn: Any, reset_sql: str) -> None:
         """Run ``reset_sql`` and re-apply the session, in one round trip."""
+        statements, params = self._session_statements(reset_sql)
+        if statements:
+            with conn.cursor() as cursor:
+                cursor.execute("; ".join(statements), params or None)
+
+    def _session_statements(self, reset_sql: str) -> tuple[list[str], list[Any]]:
+        """``reset_sql`` then the statements that set the pool's session up, with parameters."""
         statements = [reset_sql] if reset_sql else []
         params: list[Any] = []
         if self.session_settings and not self.startup_settings_work:
@@ -447,13 +515,10 @@ class Connector:
         if self.session_sql:
             statements.append(self.session_sql)
             params += self.session_params
-        if not statements:
-            return
         if params and reset_sql:
             # The reset SQL is the caller's text, not a template.
             statements[0] = reset_sql.replace("%", "%%")
-        with conn.cursor() as cursor:
-            cursor.execute("; ".join(statements), params or None)
+        return statements, params
 
     # ------------------------------------------------------------------ closing
 

@@ -9,8 +9,8 @@ ever held for a few dictionary and list operations.
 
 Invariants, under the lock:
 
-- ``size`` = idle + checked out + being opened + being reset or checked by the
-  worker + handed to the worker to close (``retiring``); it never exceeds
+- ``size`` = idle + checked out + being opened + being returned + checked by
+  the worker + handed to the worker to close (``retiring``); it never exceeds
   ``max_size`` except after ``resize()`` shrank it, until the surplus is back.
 - A connection is *checked out* from the moment it leaves the idle stack (or
   is handed to a waiter) until it is given back; each checkout has a number.
@@ -61,12 +61,10 @@ class Slots:
         self.connections: dict[int, Any] = {}
         #: psycopg2's ``getconn(key)``.
         self.keyed: dict[Any, Any] = {}
-        #: Returned connections waiting for the worker to reset them.
-        self.resets: deque[Any] = deque()
         self.size = 0
         #: Connections being opened for waiting requests.
         self.opening = 0
-        #: Connections being reset outside the lock.
+        #: Returned connections on their way back (their reset being sent).
         self.resetting = 0
         #: Connections handed to the worker to close.
         self.retiring = 0
@@ -83,8 +81,18 @@ class Slots:
         conn.pool_entry.checkout_id = ownership.next_checkout_id()
 
     def may_open_locked(self, reachable: bool) -> bool:
-        """Reserve a slot to open a connection for a waiter, if there is one. Lock held."""
-        if self.size < self.max_size and reachable:
+        """Reserve a slot to open a connection for a new waiter, if one is needed. Lock held.
+
+        Needed when the server answers, the pool has room, and the connections
+        already on their way (being returned, being opened) are fewer than the
+        requests already waiting: a pool never holds more connections than
+        the threads using them at once.
+        """
+        if (
+            reachable
+            and self.size < self.max_size
+            and len(self.waiters) >= self.resetting + self.opening
+        ):
             self.size += 1
             self.opening += 1
             return True
@@ -215,9 +223,8 @@ class Slots:
         alone: they are daemon threads about to vanish.
         """
         self.closed = True
-        to_close = self.idle + list(self.resets)
+        to_close = list(self.idle)
         self.idle.clear()
-        self.resets.clear()
         if force:
             to_close += self.checked_out.values()
             self.checked_out.clear()
@@ -237,6 +244,6 @@ class Slots:
             "pool_size": self.size,
             "pool_available": len(self.idle),
             "pool_in_use": len(self.checked_out),
-            "pool_resetting": len(self.resets) + self.resetting,
+            "pool_resetting": self.resetting,
             "requests_waiting": len(self.waiters),
         }

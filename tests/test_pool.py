@@ -454,8 +454,13 @@ def test_an_uncontended_checkout_and_return_send_nothing_to_the_server(
     pool = make_pool(min_size=1, max_size=2)
     conn = pool.getconn()
     pid = backend_pid(conn)
-    pool.putconn(conn)  # reset in the background after that query
-    assert eventually(lambda: pool.stats()["pool_available"] == 1)
+    pool.putconn(conn)  # the reset is sent as it goes back
+    assert eventually(
+        lambda: (
+            query_one(admin, "SELECT state, query FROM pg_stat_activity WHERE pid = %s", [pid])
+            == ("idle", "DISCARD ALL")
+        )
+    )
     activity = "SELECT state_change, query_start FROM pg_stat_activity WHERE pid = %s"
     before = query_one(admin, activity, [pid])
     for _ in range(2000):
