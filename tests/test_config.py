@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from django_pgpool import validation
 from django_pgpool.config import (
     OPTIONS,
     PoolConfig,
@@ -360,3 +362,21 @@ def test_a_callable_connection_setting_is_left_for_when_it_is_called() -> None:
 
     check_connection_settings("default", entry(PASSWORD=password))
     assert calls == []
+
+
+def test_the_longest_durations_allowed_are_ones_the_pool_can_wait_for(make_pool: Any) -> None:
+    longest = validation.MAX_SECONDS
+    config = parse_pool_options(
+        "default",
+        settings({"max_size": 1, "timeout": longest, "max_idle": longest, "max_lifetime": longest}),
+    )
+    pool = make_pool(**{key: getattr(config, key) for key in ("max_size", "timeout", "max_idle")})
+    held = pool.getconn()
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.getconn()))
+    waiter.start()
+    time.sleep(0.2)  # the waiter waits with the longest timeout: no OverflowError
+    pool.putconn(held)
+    waiter.join(10)
+    assert got and got[0] is held
+    pool.putconn(got[0])
