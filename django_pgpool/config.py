@@ -1,11 +1,15 @@
-"""Reading and validating ``DATABASES[alias]["OPTIONS"]["pool"]``.
+"""Reading and validating the settings a pool is built from.
 
 Every option the pool understands is declared once, in :data:`OPTIONS`, with
-its type, default, unit and limits. :func:`parse_pool_options` turns a
-project's settings into a frozen :class:`PoolConfig` or raises
-``ImproperlyConfigured`` naming the alias, the option, the bad value and what
-is allowed. Names and meanings follow Django's built-in (psycopg 3) pool, so
-moving between the two changes only ``ENGINE``.
+its default, unit, limits and the text of its row in the documentation
+(``python -m django_pgpool.config --markdown`` prints the table the README and
+docs/configuration.md carry). :func:`parse_pool_options` turns an alias's
+settings into a frozen :class:`PoolConfig` or raises ``ImproperlyConfigured``
+naming the alias, the setting, the bad value and what is allowed: the pool
+options (validated by :mod:`django_pgpool.validation`) and the connection
+settings libpq would refuse (an unknown key of ``OPTIONS``, a NUL byte).
+Names and meanings follow Django's built-in (psycopg 3) pool, so moving
+between the two changes only ``ENGINE``.
 """
 
 from __future__ import annotations
@@ -22,19 +26,10 @@ import psycopg2.extensions
 from django.core.exceptions import ImproperlyConfigured
 
 from . import validation
-from .validation import InvalidValue, ResetPolicy
+from .validation import InvalidValue
 
-__all__ = [
-    "OPTIONS",
-    "Option",
-    "PoolConfig",
-    "ResetPolicy",
-    "check_connection_settings",
-    "options_table",
-    "parse_pool_options",
-    "pool_config",
-    "pool_is_enabled",
-]
+# Declared with the validators; named here too, beside the options it types.
+from .validation import ResetPolicy as ResetPolicy
 
 
 @dataclass(frozen=True)

@@ -75,10 +75,10 @@ def whole_number(
     *,
     unit: str,
     minimum: int = 0,
-    maximum: int = sys.maxsize,
+    maximum: int | None = sys.maxsize,
     example: Any = None,
 ) -> int:
-    """An ``int`` (not a ``bool``) from ``minimum`` to ``maximum`` ``unit``."""
+    """An ``int`` (not a ``bool``) from ``minimum`` to ``maximum`` (``None``: any) ``unit``."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidValue(
             f"must be a whole number of {unit} >= {minimum}{_for_example(example)}",
@@ -86,17 +86,17 @@ def whole_number(
         )
     if value < minimum:
         raise InvalidValue(f"must be >= {minimum} {unit}")
-    if value > maximum:
-        limit = " (PostgreSQL's own limit)" if maximum == MAX_CONNECTIONS else ""
-        raise InvalidValue(f"must be <= {maximum} {unit}{limit}")
+    if maximum is not None and value > maximum:
+        raise InvalidValue(f"must be <= {maximum} {unit}")
     return int(value)
 
 
 def connection_count(value: Any, *, minimum: int = 0, example: Any = None) -> int:
     """A number of connections from ``minimum`` to :data:`MAX_CONNECTIONS`."""
-    return whole_number(
-        value, unit="connections", minimum=minimum, maximum=MAX_CONNECTIONS, example=example
-    )
+    count = whole_number(value, unit="connections", minimum=minimum, maximum=None, example=example)
+    if count > MAX_CONNECTIONS:
+        raise InvalidValue(f"must be <= {MAX_CONNECTIONS} connections (PostgreSQL's own limit)")
+    return count
 
 
 def seconds(
@@ -133,11 +133,11 @@ def _seconds(
         raise InvalidValue(
             f"must be a number of seconds{or_none}{_for_example(example)}", wrong_type=True
         )
-    # Compared before float(): an int too large for a float is simply too large.
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidValue(f"must be a finite number of seconds{or_none}")
     if value < minimum or (exclusive and value == minimum):
         raise InvalidValue(f"must be {'>' if exclusive else '>='} {minimum:g} seconds")
+    # Compared before float(), which would overflow on an int like 10**400.
     if value > maximum:
         raise InvalidValue(f"must be <= {maximum:.0f} seconds ({maximum / 86400:g} days){or_none}")
     return float(value)

@@ -176,6 +176,7 @@ def test_a_callable_reset_and_check_are_accepted() -> None:
         ({"max_size": 10**400}, "max_size must be <= 262143 connections (PostgreSQL's own limit)."),
         ({"max_size": 262_144}, "['max_size'] = 262144 is invalid: max_size must be <= 262143"),
         ({"min_size": 300_000, "max_size": 300_000}, "min_size must be <= 262143 connections"),
+        ({"max_waiting": 10**400}, "max_waiting must be <= 9223372036854775807 requests."),
     ],
 )
 def test_values_the_runtime_cannot_honour_are_refused_with_the_limit(
