@@ -12,6 +12,10 @@ its ``max_connections``?) is tagged ``database``: Django runs it only for
 ``django_pgpool.E003``  ``PGPOOL_EXPECTED_PROCESSES`` is not a whole number >= 1.
 ``django_pgpool.E004``  ``OPTIONS`` holds another pooling package's option (``MAX_CONNS``...),
                         which psycopg2 would refuse as a connection parameter.
+``django_pgpool.E005``  ``OPTIONS`` holds a key that is not a connection parameter
+                        (``sslmod``): psycopg2 would refuse every connection.
+``django_pgpool.E006``  ``NAME``, ``USER``, ``PASSWORD``, ``HOST``, ``PORT`` or a value of
+                        ``OPTIONS`` holds a NUL byte, which libpq can't take.
 ``django_pgpool.W001``  psycopg 3 is installed and ``django_pgpool`` is not first in
                         ``INSTALLED_APPS`` (or Django's backend is on psycopg 3).
 ``django_pgpool.W002``  ``max_size`` x ``PGPOOL_EXPECTED_PROCESSES`` does not fit the server
@@ -41,7 +45,15 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import Error as DjangoDatabaseError
 
 from . import capacity, driver
-from .config import PEER_OPTION_NAMES, PoolConfig, parse_pool_options, pool_is_enabled
+from .config import (
+    PEER_OPTION_NAMES,
+    PoolConfig,
+    connection_option_errors,
+    nul_byte_errors,
+    parse_pool_options,
+    pool_config,
+    pool_is_enabled,
+)
 
 #: The tag of the checks that read settings only (``manage.py check --tag django_pgpool``).
 TAG = "django_pgpool"
@@ -74,13 +86,14 @@ def _where(alias: str, option: str) -> str:
 
 
 def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
-    """E001 to E004, W003 to W006 and W008: the settings of every django_pgpool alias."""
+    """E001 to E006, W003 to W006 and W008: the settings of every django_pgpool alias."""
     from django.conf import settings
 
     messages: list[CheckMessage] = []
     for alias, settings_dict in _pooling_aliases():
         messages.extend(_check_pgbouncer(alias, settings_dict))
         messages.extend(_check_other_packages_settings(alias, settings_dict))
+        messages.extend(_check_connection_settings(alias, settings_dict))
         if pool_is_enabled(settings_dict):
             messages.extend(_check_pool(alias, settings_dict))
     if hasattr(settings, "DATABASE_POOL_ARGS"):
@@ -131,6 +144,29 @@ def _check_other_packages_settings(
         )
 
 
+def _check_connection_settings(
+    alias: str, settings_dict: Mapping[str, Any]
+) -> Iterable[CheckMessage]:
+    # Pooled or not, these settings go to psycopg2.connect().
+    options = settings_dict.get("OPTIONS") or {}
+    for key, message in connection_option_errors(alias, options).items():
+        if str(key).lower() in PEER_OPTION_NAMES:
+            continue  # E004
+        yield checks.Error(
+            message,
+            hint="Until this is fixed, every connection on this alias fails; with the pool, "
+            "building it raises this ImproperlyConfigured.",
+            id="django_pgpool.E005",
+        )
+    for message in nul_byte_errors(alias, settings_dict).values():
+        yield checks.Error(
+            message,
+            hint="Remove the NUL byte: a value read from a file or produced by a C program "
+            "may end with one.",
+            id="django_pgpool.E006",
+        )
+
+
 def _check_pool(alias: str, settings_dict: Mapping[str, Any]) -> Iterable[CheckMessage]:
     conn_max_age = settings_dict.get("CONN_MAX_AGE", 0)
     if conn_max_age != 0:
@@ -143,8 +179,9 @@ def _check_pool(alias: str, settings_dict: Mapping[str, Any]) -> Iterable[CheckM
             id="django_pgpool.E001",
         )
     try:
-        # CONN_MAX_AGE is E001's business: look at the pool options alone.
-        config = parse_pool_options(alias, {**settings_dict, "CONN_MAX_AGE": 0})
+        # CONN_MAX_AGE is E001's business, the connection settings E004 to
+        # E006's: look at the pool options alone.
+        config = pool_config(alias, {**settings_dict, "CONN_MAX_AGE": 0})
     except ImproperlyConfigured as exc:
         yield checks.Error(
             str(exc),

@@ -1,27 +1,35 @@
-"""Reading and validating ``DATABASES[alias]["OPTIONS"]["pool"]``.
+"""Reading and validating the settings a pool is built from.
 
 Every option the pool understands is declared once, in :data:`OPTIONS`, with
-its type, default, unit and limits. :func:`parse_pool_options` turns a
-project's settings into a frozen :class:`PoolConfig` or raises
-``ImproperlyConfigured`` naming the alias, the option, the bad value and what
-is allowed. Names and meanings follow Django's built-in (psycopg 3) pool, so
-moving between the two changes only ``ENGINE``.
+its default, unit, limits and the text of its row in the documentation
+(``python -m django_pgpool.config --markdown`` prints the table the README and
+docs/configuration.md carry). :func:`parse_pool_options` turns an alias's
+settings into a frozen :class:`PoolConfig` or raises ``ImproperlyConfigured``
+naming the alias, the setting, the bad value and what is allowed: the pool
+options (validated by :mod:`django_pgpool.validation`) and the connection
+settings libpq would refuse (an unknown key of ``OPTIONS``, a NUL byte).
+Names and meanings follow Django's built-in (psycopg 3) pool, so moving
+between the two changes only ``ENGINE``.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
-import math
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import psycopg2
+import psycopg2.extensions
 from django.core.exceptions import ImproperlyConfigured
 
-#: What the ``reset`` option accepts: ``True`` (restore a fresh session),
-#: ``False`` (only roll back), SQL to run instead, or a callable taking the
-#: psycopg2 connection.
-ResetPolicy = bool | str | Callable[[Any], None]
+from . import validation
+from .validation import InvalidValue
+
+# Declared with the validators; named here too, beside the options it types.
+from .validation import ResetPolicy as ResetPolicy
 
 
 @dataclass(frozen=True)
@@ -46,14 +54,28 @@ class PoolConfig:
     check_every_checkout: bool = field(default=False)
 
     def as_dict(self) -> dict[str, Any]:
-        """The settings as plain values (callables by name), for stats and logs."""
+        """The settings as plain values, for statistics, logs and JSON.
+
+        A callable appears by its name only: a ``functools.partial``, a
+        closure or an object's ``repr`` may hold a password.
+        """
         result: dict[str, Any] = {}
         for option in fields(self):
             value = getattr(self, option.name)
             if callable(value):
-                value = getattr(value, "__qualname__", repr(value))
+                value = validation.describe_callable(value)
             result[option.name] = value
         return result
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{option.name}={validation.describe_callable(value)}"
+            if callable(value)
+            else f"{option.name}={value!r}"
+            for option in fields(self)
+            for value in [getattr(self, option.name)]
+        )
+        return f"{type(self).__name__}({shown})"
 
 
 @dataclass(frozen=True)
@@ -63,10 +85,49 @@ class Option:
     name: str
     default: Any
     unit: str
+    #: The option's row in the documentation's table (Markdown).
     help: str
-    kind: str  # "int", "seconds", "optional seconds", "reset", "callable", "name"
+    #: "connections", "requests", "seconds", "optional seconds", "reset",
+    #: "callable" or "name": which validator of :mod:`.validation` applies.
+    kind: str
     minimum: float = 0.0
     minimum_is_exclusive: bool = False
+    #: How a callable option is called, for messages.
+    signature: str = "callable(connection)"
+    #: The default as the documentation states it, when not the value itself.
+    default_text: str = ""
+    #: The value may hold credentials: messages never show it.
+    secret: bool = False
+
+    def validate(self, value: Any) -> Any:
+        """The value, normalised; raises :class:`~.validation.InvalidValue` saying why not."""
+        if self.kind == "connections":
+            return validation.connection_count(
+                value, minimum=int(self.minimum), example=self.default
+            )
+        if self.kind == "requests":
+            return validation.whole_number(
+                value, unit=self.unit, minimum=int(self.minimum), example=self.default
+            )
+        if self.kind in ("seconds", "optional seconds"):
+            validate = validation.seconds if self.kind == "seconds" else validation.optional_seconds
+            return validate(
+                value,
+                minimum=self.minimum,
+                exclusive=self.minimum_is_exclusive,
+                example=self.default,
+            )
+        if self.kind == "reset":
+            return validation.reset_policy(value)
+        if self.kind == "callable":
+            return validation.optional_callable(value, signature=self.signature)
+        if self.kind == "name":
+            return None if value is None else validation.pool_name(value)
+        raise AssertionError(f"unknown option kind {self.kind!r}")  # pragma: no cover
+
+    @property
+    def documented_default(self) -> str:
+        return self.default_text or f"`{self.default!r}`"
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -74,8 +135,9 @@ OPTIONS: tuple[Option, ...] = (
         "min_size",
         1,
         "connections",
-        "Connections opened ahead of need (in the background) and kept open even when idle.",
-        "int",
+        "Opened ahead of need (in the background, once the pool is first used) and kept "
+        "open even when idle.",
+        "connections",
     ),
     Option(
         "max_size",
@@ -83,15 +145,15 @@ OPTIONS: tuple[Option, ...] = (
         "connections",
         "Most server connections this process opens for the alias. A request that finds "
         "them all in use waits, first come first served.",
-        "int",
+        "connections",
         minimum=1,
     ),
     Option(
         "timeout",
         30.0,
         "seconds",
-        "How long a request waits for a connection before failing with `PoolTimeout` "
-        "(a `django.db.OperationalError`).",
+        "How long a request waits for a connection before failing with `PoolTimeout`, a "
+        "`django.db.OperationalError`.",
         "seconds",
         minimum_is_exclusive=True,
     ),
@@ -100,8 +162,8 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "requests",
         "Most requests allowed to wait at once; more fail at once with `TooManyRequests`. "
-        "0 means no limit.",
-        "int",
+        "`0`: no limit.",
+        "requests",
     ),
     Option(
         "max_lifetime",
@@ -124,35 +186,34 @@ OPTIONS: tuple[Option, ...] = (
         "check_after_idle",
         0.5,
         "seconds",
-        "A connection idle longer than this is checked with a round trip before it is "
-        "handed out; a fresher one only gets a local socket check. 0: check every time "
-        "(what `CONN_HEALTH_CHECKS=True` selects).",
+        "A connection idle longer than this is checked with a round trip (`SELECT 1`) "
+        "before it is handed out; a fresher one only gets a local socket check. `0`: check "
+        "every time.",
         "seconds",
     ),
     Option(
         "reset",
         True,
         "",
-        "What happens to a returned connection's session: `True` restores a fresh "
-        "session (roles, settings, temp tables, advisory locks, prepared statements, "
-        "LISTEN) in the background after it is returned; `False` only rolls back; a SQL "
-        "string or a "
-        "callable(connection) replaces the built-in reset.",
+        "What happens to a returned connection's session. `True`: a fresh session is "
+        "restored (see below) in the background after the connection is returned. "
+        "`False`: only roll back. A SQL string or a `callable(connection)` replaces the "
+        "built-in reset.",
         "reset",
     ),
     Option(
         "check",
         None,
         "",
-        "callable(connection) that raises if the connection is unusable; replaces the "
-        "built-in `SELECT 1` liveness check.",
+        "`callable(connection)` that raises if the connection is unusable; replaces the "
+        "built-in `SELECT 1`.",
         "callable",
     ),
     Option(
         "configure",
         None,
         "",
-        "callable(connection) run once on each new connection, after Django's own "
+        "`callable(connection)` run once on each new connection, after Django's own "
         "session settings.",
         "callable",
     ),
@@ -160,24 +221,28 @@ OPTIONS: tuple[Option, ...] = (
         "connect_params",
         None,
         "",
-        "callable() returning connection parameters (such as a fresh password or IAM "
-        "token) merged over the alias's own, for every new connection.",
+        "`callable()` returning connection parameters merged over the alias's own for "
+        "every new connection (rotating credentials: a fresh password, an IAM token, a "
+        "new host).",
         "callable",
+        signature="callable()",
+        secret=True,
     ),
     Option(
         "leak_threshold",
         0.0,
         "seconds",
         "A connection checked out longer than this logs one warning with the stack that "
-        "took it. 0: off.",
+        "took it. `0`: off.",
         "seconds",
     ),
     Option(
         "name",
         None,
         "",
-        "Name used in logs, errors and statistics. Default: the database alias.",
+        "Name used in logs, errors and statistics.",
         "name",
+        default_text="the alias",
     ),
 )
 
@@ -210,77 +275,54 @@ PEER_OPTION_NAMES = {
 }
 
 
+#: Keys of OPTIONS that Django's PostgreSQL backend reads itself: they never
+#: reach libpq. ("pool" is ours.)
+DJANGO_OPTIONS = frozenset(("isolation_level", "assume_role", "server_side_binding", "pool"))
+
+#: Keys of OPTIONS that psycopg2.connect() takes itself rather than pass to libpq.
+PSYCOPG2_CONNECT_ARGUMENTS = frozenset(
+    ("dsn", "connection_factory", "cursor_factory", "async", "async_")
+)
+
+# Options Django's backend reads only on psycopg 3: on psycopg2 it passes them
+# on to psycopg2.connect(), which refuses them.
+_PSYCOPG3_ONLY_OPTIONS = {
+    "prepare_threshold": "psycopg2 does not prepare statements on its own; remove it",
+}
+
+#: libpq's connection keywords, only to suggest a spelling: libpq itself
+#: decides what it accepts (see :func:`is_libpq_keyword`).
+LIBPQ_KEYWORDS = (
+    "host", "hostaddr", "port", "dbname", "user", "password", "passfile", "channel_binding",
+    "connect_timeout", "client_encoding", "options", "application_name",
+    "fallback_application_name", "keepalives", "keepalives_idle", "keepalives_interval",
+    "keepalives_count", "tcp_user_timeout", "sslmode", "sslcompression", "sslcert", "sslkey",
+    "sslpassword", "sslrootcert", "sslcrl", "sslcrldir", "sslsni", "requirepeer",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "gssencmode", "krbsrvname",
+    "gsslib", "gssdelegation", "service", "target_session_attrs", "load_balance_hosts",
+    "require_auth", "sslnegotiation", "sslcertmode",
+)  # fmt: skip
+
+#: The settings of an alias that become connection parameters.
+CONNECTION_SETTINGS = ("NAME", "USER", "PASSWORD", "HOST", "PORT")
+
+
 def _where(alias: str, option: str | None = None) -> str:
     where = f"DATABASES[{alias!r}]['OPTIONS']['pool']"
     return f"{where}[{option!r}]" if option else where
 
 
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
 def _validate(alias: str, option: Option, value: Any) -> Any:
-    where = _where(alias, option.name)
-    if option.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ImproperlyConfigured(
-                f"{where} = {_describe(value)} is invalid: {option.name} must be a whole "
-                f"number of {option.unit} >= {int(option.minimum)}, "
-                f"for example {option.default}."
-            )
-        if value < option.minimum:
-            raise ImproperlyConfigured(
-                f"{where} = {value} is invalid: {option.name} must be >= "
-                f"{int(option.minimum)} {option.unit}."
-            )
-        return value
-    if option.kind in ("seconds", "optional seconds"):
-        if value is None and option.kind == "optional seconds":
-            return None
-        allowed = "a number of seconds" + (" or None" if option.kind == "optional seconds" else "")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ImproperlyConfigured(
-                f"{where} = {_describe(value)} is invalid: {option.name} must be {allowed}, "
-                f"for example {option.default}."
-            )
-        if math.isnan(value) or math.isinf(value):
-            raise ImproperlyConfigured(
-                f"{where} = {value!r} is invalid: {option.name} must be a finite number of seconds."
-            )
-        too_small = (
-            value <= option.minimum if option.minimum_is_exclusive else value < option.minimum
-        )
-        if too_small:
-            bound = ">" if option.minimum_is_exclusive else ">="
-            raise ImproperlyConfigured(
-                f"{where} = {value!r} is invalid: {option.name} must be {bound} 0 seconds."
-            )
-        return float(value)
-    if option.kind == "reset":
-        if isinstance(value, bool) or callable(value):
-            return value
-        if isinstance(value, str) and value.strip():
-            return value
+    try:
+        return option.validate(value)
+    except InvalidValue as exc:
+        if option.secret and value is not None:
+            shown = f"<{type(value).__name__}>"
+        else:
+            shown = validation.describe(value, with_type=exc.wrong_type)
         raise ImproperlyConfigured(
-            f"{where} = {_describe(value)} is invalid: reset must be True (restore a fresh "
-            f"session), False (roll back only), a non-empty SQL string, or a "
-            f"callable(connection)."
-        )
-    if option.kind == "callable":
-        if value is None or callable(value):
-            return value
-        raise ImproperlyConfigured(
-            f"{where} = {_describe(value)} is invalid: {option.name} must be a "
-            f"{'callable()' if option.name == 'connect_params' else 'callable(connection)'} "
-            f"or None."
-        )
-    if option.kind == "name":
-        if value is None or (isinstance(value, str) and value):
-            return value
-        raise ImproperlyConfigured(
-            f"{where} = {_describe(value)} is invalid: name must be a non-empty string."
-        )
-    raise AssertionError(f"unknown option kind {option.kind!r}")  # pragma: no cover
+            f"{_where(alias, option.name)} = {shown} is invalid: {option.name} {exc}."
+        ) from None
 
 
 def _unknown_option_message(alias: str, key: Any) -> str:
@@ -298,7 +340,8 @@ def _unknown_option_message(alias: str, key: Any) -> str:
             close = difflib.get_close_matches(key.lower(), OPTION_NAMES, n=1)
             if close:
                 hint = f" Did you mean {close[0]!r}?"
-    return f"{where} has an unknown option {key!r}.{hint} Valid options: {', '.join(OPTION_NAMES)}."
+    shown = repr(key) if isinstance(key, str) else validation.describe(key)
+    return f"{where} has an unknown option {shown}.{hint} Valid options: {', '.join(OPTION_NAMES)}."
 
 
 def pool_is_enabled(settings_dict: Mapping[str, Any]) -> bool:
@@ -307,7 +350,20 @@ def pool_is_enabled(settings_dict: Mapping[str, Any]) -> bool:
 
 
 def parse_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolConfig:
-    """Validate an alias's pool settings and return its :class:`PoolConfig`.
+    """Validate the settings a pool is built from and return its :class:`PoolConfig`.
+
+    The pool options (:func:`pool_config`) first, then the connection
+    settings (:func:`check_connection_settings`): the pool is built from
+    both, so a mistake in either is an ``ImproperlyConfigured`` now rather
+    than a failing connection later.
+    """
+    config = pool_config(alias, settings_dict)
+    check_connection_settings(alias, settings_dict)
+    return config
+
+
+def pool_config(alias: str, settings_dict: Mapping[str, Any]) -> PoolConfig:
+    """Validate an alias's pool options alone and return its :class:`PoolConfig`.
 
     ``OPTIONS["pool"]`` may be missing or ``True`` (defaults) or a dict of
     options. ``CONN_MAX_AGE`` must be 0: with a pool, the pool owns the
@@ -318,9 +374,9 @@ def parse_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolConf
         raw = {}
     if not isinstance(raw, Mapping):
         raise ImproperlyConfigured(
-            f"{_where(alias)} = {_describe(raw)} is invalid: it must be True (pool with the "
-            f"defaults), False (no pool), or a dict of pool options such as "
-            f"{{'max_size': 10, 'timeout': 30}}."
+            f"{_where(alias)} = {validation.describe(raw, with_type=True)} is invalid: it must "
+            f"be True (pool with the defaults), False (no pool), or a dict of pool options "
+            f"such as {{'max_size': 10, 'timeout': 30}}."
         )
     for key in raw:
         if key not in OPTION_NAMES:
@@ -329,12 +385,12 @@ def parse_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolConf
     conn_max_age = settings_dict.get("CONN_MAX_AGE", 0)
     if conn_max_age != 0:
         raise ImproperlyConfigured(
-            f"DATABASES[{alias!r}] sets CONN_MAX_AGE={conn_max_age!r} while django_pgpool "
-            f"pools its connections. With a pool, the pool owns the connections, not the "
-            f"thread: every request takes one and gives it back when Django closes it, so "
-            f"there is nothing left for CONN_MAX_AGE to keep. Set CONN_MAX_AGE to 0 (the "
-            f"default) and tune OPTIONS['pool']['max_lifetime'] / ['max_idle'] instead, or "
-            f"set OPTIONS['pool'] = False to keep persistent connections without the pool."
+            f"DATABASES[{alias!r}] sets CONN_MAX_AGE={validation.describe(conn_max_age)} while "
+            f"django_pgpool pools its connections. With a pool, the pool owns the connections, "
+            f"not the thread: every request takes one and gives it back when Django closes "
+            f"it, so there is nothing left for CONN_MAX_AGE to keep. Set CONN_MAX_AGE to 0 "
+            f"(the default) and tune OPTIONS['pool']['max_lifetime'] / ['max_idle'] instead, "
+            f"or set OPTIONS['pool'] = False to keep persistent connections without the pool."
         )
 
     values: dict[str, Any] = {}
@@ -354,3 +410,142 @@ def parse_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolConf
             f"lower min_size."
         )
     return config
+
+
+# ---------------------------------------------------------------- connection settings
+
+
+@functools.lru_cache(maxsize=256)
+def is_libpq_keyword(key: str) -> bool:
+    """Whether libpq (the one psycopg2 runs on) takes ``key`` as a connection parameter."""
+    try:
+        psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(**{key: "x"}))
+    except psycopg2.ProgrammingError:
+        return False
+    return True
+
+
+def suggest_connection_option(key: str) -> str:
+    """`` Did you mean 'sslmode'?`` for a misspelt key of OPTIONS, or ``""``."""
+    known = (*LIBPQ_KEYWORDS, *sorted(DJANGO_OPTIONS), *sorted(PSYCOPG2_CONNECT_ARGUMENTS))
+    close = difflib.get_close_matches(key.lower(), known, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def connection_option_errors(alias: str, options: Mapping[Any, Any]) -> dict[Any, str]:
+    """The keys of ``OPTIONS`` that ``psycopg2.connect()`` would refuse, each with a message.
+
+    A key is fine if Django's backend reads it (``isolation_level``...),
+    ``psycopg2.connect()`` takes it (``cursor_factory``...), or libpq knows it
+    as a connection parameter (``sslmode``...; libpq itself is asked).
+    """
+    where = f"DATABASES[{alias!r}]['OPTIONS']"
+    errors: dict[Any, str] = {}
+    for key in options:
+        if key in DJANGO_OPTIONS or key in PSYCOPG2_CONNECT_ARGUMENTS:
+            continue
+        if not isinstance(key, str):
+            errors[key] = (
+                f"{where} has the key {validation.describe(key, with_type=True)}: the keys of "
+                f"OPTIONS are names of connection parameters, strings such as 'sslmode'."
+            )
+        elif key in _PSYCOPG3_ONLY_OPTIONS:
+            errors[key] = (
+                f"{where} has {key!r}, an option of Django's backend on psycopg 3 that "
+                f"psycopg2.connect() refuses: {_PSYCOPG3_ONLY_OPTIONS[key]}."
+            )
+        elif key.lower() in PEER_OPTION_NAMES:
+            errors[key] = (
+                f"{where} has {key!r}, an option of another pooling package, which "
+                f"psycopg2.connect() refuses. Remove it; django_pgpool's equivalent is "
+                f"DATABASES[{alias!r}]['OPTIONS']['pool'] option {PEER_OPTION_NAMES[key.lower()]}."
+            )
+        elif not is_libpq_keyword(key):
+            hint = suggest_connection_option(key)
+            errors[key] = (
+                f"{where} has {key!r}, which is not a connection parameter: psycopg2.connect() "
+                f"would refuse every connection (invalid connection option).{hint} "
+                f"The keys of OPTIONS are libpq's connection parameters (sslmode, "
+                f"connect_timeout, application_name, options...), those Django's backend reads "
+                f"(isolation_level, assume_role), psycopg2's connection_factory and "
+                f"cursor_factory, and 'pool'."
+            )
+    return errors
+
+
+def _is_secret(setting: str) -> bool:
+    lowered = setting.lower()
+    return "password" in lowered or lowered == "dsn"
+
+
+def nul_byte_errors(alias: str, settings_dict: Mapping[str, Any]) -> dict[str, str]:
+    """The connection settings holding a NUL byte, each with a message.
+
+    libpq's strings end at a NUL byte, so psycopg2 refuses such a value on
+    every connection; a value read from a file or a C program may carry one.
+    A password's value is never shown.
+    """
+    candidates: list[tuple[str, str, Any]] = [
+        (f"DATABASES[{alias!r}][{setting!r}]", setting, settings_dict.get(setting))
+        for setting in CONNECTION_SETTINGS
+    ]
+    options = settings_dict.get("OPTIONS") or {}
+    candidates += [
+        (f"DATABASES[{alias!r}]['OPTIONS'][{key!r}]", key, value)
+        for key, value in options.items()
+        if isinstance(key, str) and key != "pool"
+    ]
+    errors: dict[str, str] = {}
+    for where, setting, value in candidates:
+        try:
+            validation.connection_parameter(value)
+        except InvalidValue as exc:
+            shown = "" if _is_secret(setting) else f" = {validation.describe(value)}"
+            errors[where] = f"{where}{shown} is invalid: it {exc}."
+    return errors
+
+
+def check_connection_settings(alias: str, settings_dict: Mapping[str, Any]) -> None:
+    """Raise ``ImproperlyConfigured`` for a connection setting libpq would refuse.
+
+    An unknown key of ``OPTIONS`` (``sslmod``) or a NUL byte in ``NAME``,
+    ``USER``, ``PASSWORD``, ``HOST``, ``PORT`` or a value of ``OPTIONS``:
+    otherwise each connection attempt fails, and the pool waits for a server
+    that is not the problem. Callables (rotating credentials) are checked
+    when called, not here.
+    """
+    options = settings_dict.get("OPTIONS") or {}
+    for message in (
+        *connection_option_errors(alias, options).values(),
+        *nul_byte_errors(alias, settings_dict).values(),
+    ):
+        raise ImproperlyConfigured(message)
+
+
+# ---------------------------------------------------------------- documentation
+
+
+def options_table() -> str:
+    """The Markdown table of every option, as the README and docs/configuration.md show it."""
+    lines = ["| option | default | unit | meaning |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        lines.append(
+            f"| `{option.name}` | {option.documented_default} | {option.unit or '—'} "
+            f"| {option.help} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m django_pgpool.config --markdown``: print the options table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m django_pgpool.config",
+        description="Print the table of pool options for the documentation.",
+    )
+    parser.add_argument("--markdown", action="store_true", required=True, help="as Markdown")
+    parser.parse_args(argv)
+    print(options_table(), end="")
+
+
+if __name__ == "__main__":
+    main()

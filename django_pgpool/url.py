@@ -26,9 +26,12 @@ Query parameters:
   ``sslrootcert``, ``application_name``, ``connect_timeout``, ``options``,
   ``target_session_attrs``...) and goes to ``OPTIONS`` as it is.
 
-A parameter that is none of these, a value of the wrong type, a repeated
-parameter or an invalid combination raises ``ImproperlyConfigured`` naming the
-parameter. No message contains the URL or its password.
+A parameter that is none of these, a value of the wrong type or out of range,
+a repeated parameter or an invalid combination raises ``ImproperlyConfigured``
+naming the parameter. No message contains the URL or its password: a URL
+whose user name or password holds a character that should have been
+percent-encoded (``/ ? # @``) is refused as a whole, before any of its
+parts is named.
 
 Importing this module loads neither Django's database backend nor psycopg 3,
 so it is safe to use in a settings module.
@@ -38,15 +41,26 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import psycopg2
 import psycopg2.extensions
 from django.core.exceptions import ImproperlyConfigured
 
-from .config import OPTIONS, PEER_OPTION_NAMES, Option, parse_pool_options, pool_is_enabled
+from .config import (
+    OPTIONS,
+    PEER_OPTION_NAMES,
+    Option,
+    check_connection_settings,
+    is_libpq_keyword,
+    parse_pool_options,
+    pool_is_enabled,
+    suggest_connection_option,
+)
+from .validation import InvalidValue, describe
 
 ENGINE = "django_pgpool"
 
@@ -67,20 +81,14 @@ _ISOLATION_LEVELS = {
     "serializable": psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE,
 }
 
-# Keys of OPTIONS that Django's PostgreSQL backend reads itself rather than
-# pass to libpq.
+# Keys of OPTIONS that Django's PostgreSQL backend reads itself, written in a
+# URL as text.
 _DJANGO_OPTIONS = frozenset(("isolation_level", "assume_role"))
 
-# Only to suggest a spelling: libpq itself decides what it accepts.
-_LIBPQ_KEYWORDS = (
-    "host", "hostaddr", "port", "dbname", "user", "password", "passfile", "channel_binding",
-    "connect_timeout", "client_encoding", "options", "application_name",
-    "fallback_application_name", "keepalives", "keepalives_idle", "keepalives_interval",
-    "keepalives_count", "tcp_user_timeout", "sslmode", "sslcompression", "sslcert", "sslkey",
-    "sslpassword", "sslrootcert", "sslcrl", "sslcrldir", "sslsni", "requirepeer",
-    "ssl_min_protocol_version", "ssl_max_protocol_version", "gssencmode", "krbsrvname",
-    "gsslib", "service", "target_session_attrs", "load_balance_hosts", "require_auth",
-)  # fmt: skip
+# Numbers as a URL writes them: ASCII digits only (Python's int() and float()
+# would also take "²", Arabic-Indic digits and "1_000").
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 _URL_OPTIONS = {option.name: option for option in OPTIONS if option.kind != "callable"}
 _POOL_PARAMETERS = tuple(POOL_PREFIX + name for name in _URL_OPTIONS)
@@ -96,11 +104,21 @@ def database_from_url(url: str, *, alias: str = "default", **overrides: Any) -> 
     """
     try:
         parts = urlsplit(url)
+        # A user name or password holding an unencoded "/", "?" or "#" ends
+        # the host part early, and the rest of it reads as the database name
+        # or the query: any message naming those would show the password.
+        if "@" in parts.path + parts.query + parts.fragment:
+            raise ImproperlyConfigured(
+                "The database URL is not valid: it has an '@' after its host part. A user "
+                "name or password holding '@', '/', '?', '#' or ':' must be percent-encoded "
+                "(urllib.parse.quote(password, safe='')), and so must an '@' in the database "
+                "name or a query value (%40)."
+            )
         port = parts.port
     except ValueError:
         raise ImproperlyConfigured(
             "The database URL is not valid: its parts (user, password, host, port, "
-            "database) must be percent-encoded and the port a number."
+            "database) must be percent-encoded and the port a number from 1 to 65535."
         ) from None
     if parts.scheme not in SCHEMES:
         raise ImproperlyConfigured(
@@ -154,9 +172,12 @@ def _finish(alias: str, entry: dict[str, Any], overrides: Mapping[str, Any]) -> 
         options["pool"] = {**options["pool"], **extra_pool}
     elif extra_pool is not None:
         options["pool"] = extra_pool
+    # Now rather than at the first query: CONN_MAX_AGE, max_size < min_size,
+    # a NUL byte in the password...
     if pool_is_enabled(entry):
-        # Now rather than at the first query: CONN_MAX_AGE, max_size < min_size...
         parse_pool_options(alias, entry)
+    else:
+        check_connection_settings(alias, entry)
     return entry
 
 
@@ -189,7 +210,7 @@ def _options_from_parameters(params: Iterable[tuple[str, Any]]) -> dict[str, Any
         elif name in _DJANGO_OPTIONS:
             options[name] = value
         else:
-            _check_libpq_parameter(name, value)
+            _check_libpq_parameter(name)
             options[name] = value
     if pool:
         min_size = pool.get("min_size", _URL_OPTIONS["min_size"].default)
@@ -226,31 +247,33 @@ def _pool_switch(value: Any) -> bool:
 
 def _pool_value(name: str, option: Option, raw: Any) -> Any:
     def invalid(why: str) -> ImproperlyConfigured:
-        return ImproperlyConfigured(f"Database URL parameter {name}={raw!r} is invalid: {why}.")
+        return ImproperlyConfigured(
+            f"Database URL parameter {name}={describe(raw)} is invalid: {why}."
+        )
 
     text = str(raw).strip()
     value: Any
-    if option.kind == "int":
-        if isinstance(raw, bool) or not (isinstance(raw, int) or text.lstrip("+-").isdigit()):
+    if option.kind in ("connections", "requests"):
+        if isinstance(raw, bool) or not (isinstance(raw, int) or _WHOLE_NUMBER.fullmatch(text)):
             raise invalid(
                 f"{option.name} is a whole number of {option.unit}, for example {option.default}"
             )
-        value = int(text)
+        # Past a few thousand digits int() refuses; far fewer are out of range anyway.
+        value = int(text) if len(text) <= 20 else (sys.maxsize + 1) * (-1 if "-" in text else 1)
     elif option.kind in ("seconds", "optional seconds"):
         if text.lower() in _NONE:
             if option.kind != "optional seconds":
                 raise invalid(f"{option.name} cannot be none; give a number of seconds")
             value = None
+        elif isinstance(raw, bool) or not _DECIMAL.fullmatch(text):
+            allowed = " or none" if option.kind == "optional seconds" else ""
+            raise invalid(
+                f"{option.name} is a number of seconds{allowed}, for example {option.default:g}"
+            )
         else:
-            try:
-                value = float(text)
-            except ValueError:
-                value = math.nan
-            if isinstance(raw, bool) or not math.isfinite(value):
-                allowed = " or none" if option.kind == "optional seconds" else ""
-                raise invalid(
-                    f"{option.name} is a number of seconds{allowed}, for example {option.default:g}"
-                )
+            value = float(text)
+            if not math.isfinite(value):  # 1e400: as out of range as the largest float
+                value = math.copysign(sys.float_info.max, value)
     elif option.kind == "reset":
         if raw is True or text.lower() in _TRUE:
             value = True
@@ -263,15 +286,11 @@ def _pool_value(name: str, option: Option, raw: Any) -> Any:
             )
     else:  # the pool's name
         value = text
-    # Checked alone: min_size against max_size is for the caller, with both known.
-    alone: dict[str, Any] = {option.name: value}
-    if option.name == "min_size":
-        alone["max_size"] = max(value, 1)
+    # min_size against max_size is for the caller, with both known.
     try:
-        parse_pool_options("url", {"OPTIONS": {"pool": alone}})
-    except ImproperlyConfigured as exc:
-        raise invalid(str(exc).split(" is invalid: ", 1)[-1].rstrip(".")) from None
-    return value
+        return option.validate(value)
+    except InvalidValue as exc:
+        raise invalid(f"{option.name} {exc}") from None
 
 
 def _unknown_pool_parameter(name: str) -> str:
@@ -313,15 +332,10 @@ def _isolation_level(value: Any) -> int:
     )
 
 
-def _check_libpq_parameter(name: str, value: Any) -> None:
-    try:
-        psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(**{name: str(value)}))
-    except psycopg2.ProgrammingError:
-        hint = _suggestion(name)
-        if not hint:
-            close = difflib.get_close_matches(name, _LIBPQ_KEYWORDS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+def _check_libpq_parameter(name: str) -> None:
+    if not is_libpq_keyword(name):
+        hint = _suggestion(name) or suggest_connection_option(name)
         raise ImproperlyConfigured(
             f"Database URL parameter {name!r} is neither a pool option (pool_...) nor a "
             f"libpq connection parameter.{hint}"
-        ) from None
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 from io import StringIO
@@ -12,7 +13,7 @@ from django.core.checks import CheckMessage, run_checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
-from django.db import connection
+from django.db import connection, connections
 from django.test import override_settings
 
 import django_pgpool
@@ -274,3 +275,134 @@ def test_check_with_database_says_when_the_server_cannot_be_reached() -> None:
     )
     assert "Connection refused" in warning.msg and "hunter2" not in warning.msg
     assert "'manage.py pgpool check --database down'" in str(warning.hint)
+
+
+def check_output(**kwargs: Any) -> str:
+    """What ``manage.py check`` prints, whether or not it fails."""
+    out, err = StringIO(), StringIO()
+    try:
+        call_command("check", stdout=out, stderr=err, **kwargs)
+    except SystemCheckError as exc:
+        return f"{out.getvalue()}{err.getvalue()}{exc}"
+    return out.getvalue() + err.getvalue()
+
+
+@pytest.mark.parametrize("pool", [{"max_size": 4}, False])
+def test_a_misspelt_connection_option_is_an_error_with_the_right_spelling(pool: Any) -> None:
+    with temporary_alias("typo", OPTIONS={"sslmod": "disable", "pool": pool}):
+        messages = pgpool_messages()
+        output = check_output()
+    error = only(messages, "django_pgpool.E005")
+    assert ids(messages) == ["django_pgpool.E005"]
+    assert error.msg.startswith(
+        "DATABASES['typo']['OPTIONS'] has 'sslmod', which is not a connection parameter: "
+        "psycopg2.connect() would refuse every connection (invalid connection option). "
+        "Did you mean 'sslmode'?"
+    )
+    assert error.is_serious()
+    assert "django_pgpool.E005" in output and "Did you mean 'sslmode'?" in output
+
+
+def test_options_that_django_and_psycopg2_read_themselves_pass_the_check() -> None:
+    options = {
+        "isolation_level": 3,
+        "assume_role": "shop_reader",
+        "server_side_binding": False,
+        "cursor_factory": object,
+        "connection_factory": object,
+        "sslmode": "prefer",
+        "connect_timeout": "5",
+        "pool": {"max_size": 4},
+    }
+    with temporary_alias("full", OPTIONS=options):
+        assert pgpool_messages() == []
+
+
+def test_another_packages_option_is_reported_once_as_e004() -> None:
+    with temporary_alias("migrated", OPTIONS={"MAX_CONNS": 4, "pool": {"max_size": 4}}):
+        assert ids(pgpool_messages()) == ["django_pgpool.E004"]
+
+
+def test_the_misspelt_option_is_refused_when_the_pool_is_built_not_blamed_on_the_server(
+    django_db_blocker: Any,
+) -> None:
+    with (
+        django_db_blocker.unblock(),
+        temporary_alias("typo", OPTIONS={"sslmod": "disable", "pool": {"max_size": 2}}),
+    ):
+        with pytest.raises(ImproperlyConfigured, match="Did you mean 'sslmode'"):
+            connections["typo"].ensure_connection()
+        with pytest.raises(ImproperlyConfigured, match="has 'sslmod', which is not a connection"):
+            django_pgpool.get_pool("typo")
+        assert "typo" not in django_pgpool.stats()
+
+
+SECRET = "hunter2-Pz4?"
+
+
+@pytest.mark.parametrize(
+    ("setting", "shown"),
+    [
+        ({"PASSWORD": f"{SECRET}\x00"}, "DATABASES['nul']['PASSWORD'] is invalid: it must not"),
+        ({"NAME": "shop\x00"}, "DATABASES['nul']['NAME'] = 'shop\\x00' is invalid: it must not"),
+        (
+            {"OPTIONS": {"options": "-c search_path=app\x00", "pool": True}},
+            "DATABASES['nul']['OPTIONS']['options'] = '-c search_path=app\\x00' is invalid",
+        ),
+    ],
+)
+def test_a_nul_byte_in_a_connection_setting_is_an_error_naming_the_setting(
+    setting: dict[str, Any], shown: str, django_db_blocker: Any
+) -> None:
+    with django_db_blocker.unblock(), temporary_alias("nul", **setting):
+        messages = pgpool_messages()
+        output = check_output()
+        with pytest.raises(ImproperlyConfigured) as raised:
+            connections["nul"].ensure_connection()
+    error = only(messages, "django_pgpool.E006")
+    assert error.msg.startswith(shown) and error.msg == str(raised.value)
+    assert "NUL byte" in error.msg
+    assert SECRET not in output and SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize("reset", ["false", " True ", "0", "off"])
+def test_a_boolean_looking_reset_string_fails_manage_py_check(reset: str) -> None:
+    with pool_options(reset=reset), pytest.raises(SystemCheckError) as raised:
+        call_command("check", stdout=StringIO(), stderr=StringIO())
+    message = str(raised.value)
+    assert "django_pgpool.E002" in message
+    assert "must be the Python value True or False" in message
+    assert "convert them first" in message
+
+
+def fresh_credentials(password: str) -> dict[str, str]:
+    return {"password": password}
+
+
+class Revealing:
+    def __call__(self, *args: Any) -> Any:
+        return None
+
+    def __repr__(self) -> str:
+        return SECRET
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"timeout": 0.2},  # a warning next to the callables
+        {"max_size": 0},  # an error next to them
+        {"connect_params": {"password": SECRET}},  # the password where a callable belongs
+        {"reset": "false"},
+    ],
+)
+def test_check_never_shows_a_password_held_by_a_pool_option(broken: dict[str, Any]) -> None:
+    pool = {
+        "connect_params": functools.partial(fresh_credentials, password=SECRET),
+        "configure": lambda conn: SECRET,
+        "check": Revealing(),
+        **broken,
+    }
+    with temporary_alias("secretive", PASSWORD=lambda: SECRET, OPTIONS={"pool": pool}):
+        output = check_output()
+    assert "django_pgpool." in output and SECRET not in output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import dj_database_url
 import psycopg2.extensions
@@ -250,3 +250,95 @@ def test_the_module_is_safe_to_import_in_a_settings_module() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("pool_max_size=²", "pool_max_size='²' is invalid: max_size is a whole number"),
+        ("pool_max_size=--5", "pool_max_size='--5' is invalid: max_size is a whole number"),
+        ("pool_max_size=%2B-5", "max_size is a whole number of connections, for example 10."),
+        ("pool_max_size=１０", "max_size is a whole number of connections"),
+        ("pool_max_size=1_0", "max_size is a whole number of connections"),
+        ("pool_max_size=300000", "max_size must be <= 262143 connections (PostgreSQL's own"),
+        ("pool_max_size=" + "9" * 5000, "max_size must be <= 262143 connections"),
+        ("pool_timeout=٣٠", "timeout is a number of seconds, for example 30."),
+        ("pool_timeout=nan", "timeout is a number of seconds, for example 30."),
+        ("pool_timeout=inf", "timeout is a number of seconds, for example 30."),
+        ("pool_timeout=1e400", "timeout must be <= 31536000 seconds (365 days)."),
+        ("pool_timeout=9223372036854775807", "timeout must be <= 31536000 seconds (365 days)."),
+        ("pool_max_lifetime=31536001", "max_lifetime must be <= 31536000 seconds (365 days) or"),
+        ("pool_name=", "name must be a non-empty string."),
+    ],
+)
+def test_a_number_out_of_range_or_not_in_ascii_digits_is_refused(query: str, expected: str) -> None:
+    message = url_error(f"{URL}?{query}")
+    assert message.startswith("Database URL parameter pool_")
+    assert expected in message
+    assert len(message) < 300  # a huge value is not repeated in full
+
+
+def test_numbers_with_a_sign_or_a_fraction_are_read() -> None:
+    entry = database_from_url(f"{URL}?pool_max_size=+5&pool_timeout=.5&pool_max_idle=1e3")
+    assert entry["OPTIONS"]["pool"] == {"max_size": 5, "timeout": 0.5, "max_idle": 1000.0}
+
+
+HOSTILE_PASSWORDS = ["?Zk2-secret", "#Zk2-secret", "Zk2/secret", "Zk2?pool_max_size=ten", "a#b?c/d"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        *(f"postgres://shop:{password}@db.internal/shop" for password in HOSTILE_PASSWORDS),
+        *(
+            f"postgres://shop:{password}@db.internal:5432/shop?sslmode=require"
+            for password in HOSTILE_PASSWORDS
+        ),
+        "postgres://shop:Zk2-secret@[::1/shop",
+        "postgres://shop:Zk2-secret@::1:5432/shop",
+        "postgres://shop:Zk2-secret@db.internal:99999/shop",
+        "postgres://shop:Zk2-secret@db.internal:-1/shop",
+        "postgres://shop:Zk2-secret@db.internal:54x2/shop",
+        "postgres://shop:Zk2-secret@[::1]:port/shop",
+        "postgres://sh?op:Zk2-secret@db.internal/shop",
+        "postgres://shop:Zk2@secret@db.internal/shop?pool_max_size=ten",
+        "postgres://shop:Zk2:secret@db.internal/shop?sslmod=require",
+        "postgres:shop:Zk2-secret@db.internal/shop",
+        "postgres://shop:Zk2-secret%00@db.internal/shop",
+        "postgres://shop:Zk2-secret%00@db.internal/shop?pool=false",
+        "mysql://shop:Zk2-secret@db.internal/shop",
+    ],
+)
+def test_no_message_shows_any_part_of_the_password_whatever_the_url(url: str) -> None:
+    credentials = url.split("://", 1)[-1] if "://" in url else url.split(":", 1)[1]
+    password = credentials.rsplit("@", 1)[0].split(":", 1)[1]
+    with pytest.raises(ImproperlyConfigured) as caught:
+        database_from_url(url)
+    message = str(caught.value)
+    pieces = {password[i : i + 4] for i in range(len(password) - 3)} | {unquote(password)}
+    assert not {piece for piece in pieces if piece in message}, message
+
+
+def test_an_unencoded_character_in_the_password_is_named_with_the_fix() -> None:
+    message = url_error("postgres://shop:?p@ss@db.internal/shop")
+    assert message.startswith("The database URL is not valid: it has an '@' after its host part.")
+    assert "urllib.parse.quote(password, safe='')" in message
+    # Encoded, the same password works.
+    entry = database_from_url(f"postgres://shop:{quote('?p@ss', safe='')}@db.internal/shop")
+    assert entry["PASSWORD"] == "?p@ss" and entry["HOST"] == "db.internal"
+
+
+def test_an_at_sign_in_a_query_value_must_be_encoded_too() -> None:
+    assert "an '@' after its host part" in url_error(f"{URL}?application_name=me@shop")
+    entry = database_from_url(f"{URL}?application_name=me%40shop")
+    assert entry["OPTIONS"]["application_name"] == "me@shop"
+
+
+def test_a_nul_byte_in_the_password_is_refused_without_showing_it() -> None:
+    message = url_error("postgres://shop:p%40ss%00@db.internal/shop")
+    assert message.startswith("DATABASES['default']['PASSWORD'] is invalid: it must not contain")
+
+
+def test_a_boolean_looking_reset_given_in_python_is_refused_like_in_settings() -> None:
+    message = url_error(URL, OPTIONS={"pool": {"reset": "false"}})
+    assert "['reset'] = 'false' (str) is invalid: reset must be the Python value True" in message

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from django_pgpool import checks
-from django_pgpool.config import OPTIONS, PoolConfig
+from django_pgpool.config import OPTIONS, PoolConfig, options_table
 from django_pgpool.prometheus import METRICS
 
-from .helpers import REPO
+from .helpers import REPO, run_python
 
 DOCS = REPO / "docs"
 CONFIGURATION = DOCS / "configuration.md"
@@ -43,11 +43,27 @@ def test_every_pool_option_is_documented_with_its_default_and_unit() -> None:
         assert unit == (option.unit or "—"), option.name
 
 
-def test_the_options_table_agrees_with_the_readme() -> None:
-    readme = section(REPO / "README.md", "Configuration reference")
-    ours = {row[0]: row[1:3] for row in table(section(CONFIGURATION, "Pool options"))}
-    theirs = {row[0]: row[1:3] for row in table(readme) if row[0].startswith("`")}
-    assert ours == theirs
+def generated_table(path: Path) -> str:
+    """The text between the option table's markers in ``path``."""
+    text = path.read_text()
+    start, end = "<!-- pool-options:start -->\n", "<!-- pool-options:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1, f"{path.name}: the markers"
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+@pytest.mark.parametrize("path", [REPO / "README.md", CONFIGURATION], ids=lambda path: path.name)
+def test_the_option_tables_are_the_ones_the_code_generates(path: Path) -> None:
+    # To update them: python -m django_pgpool.config --markdown
+    assert generated_table(path) == options_table()
+
+
+def test_the_table_generator_prints_one_row_per_option_with_its_help() -> None:
+    result = run_python("from django_pgpool.config import main; main(['--markdown'])")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == options_table()
+    rows = table(options_table())
+    assert [row[0] for row in rows] == [f"`{option.name}`" for option in OPTIONS]
+    assert [row[3] for row in rows] == [option.help for option in OPTIONS]
 
 
 def test_every_statistic_is_documented() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -268,3 +269,65 @@ def test_pgpool_check_exit_status_tells_a_deploy_script_whether_the_pools_fit() 
     unreachable = run_manage("check", database="pgpool_no_such_database")
     assert unreachable.returncode == 2
     assert "Alias 'default' cannot reach its database" in unreachable.stderr
+
+
+SECRET = "hunter2-Wm9#"
+
+
+def fresh_credentials(password: str) -> dict[str, str]:
+    return {"password": password}
+
+
+class Revealing:
+    """A callable whose repr is the password it holds."""
+
+    def __call__(self, conn: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return SECRET
+
+
+def test_pgpool_shows_callables_by_name_never_the_password_they_hold(fresh_pools: None) -> None:
+    pool = {
+        "connect_params": functools.partial(fresh_credentials, password=SECRET),
+        "configure": lambda conn: SECRET,
+        "check": Revealing(),
+        "reset": Revealing(),
+    }
+    with temporary_alias("secretive", PASSWORD=lambda: SECRET, OPTIONS={"pool": pool}):
+        as_json = pgpool("--database", "secretive", "--json")
+        table = pgpool("--database", "secretive")
+        config = django_pgpool.get_pool("secretive").config
+        check = StringIO()
+        call_command("check", stdout=check, stderr=check)
+    assert SECRET not in as_json + table + check.getvalue() + repr(config)
+    shown = json.loads(as_json)["aliases"]["secretive"]["config"]
+    assert shown["connect_params"] == (
+        "functools.partial(tests.test_management_command.fresh_credentials)"
+    )
+    assert shown["check"] == shown["reset"] == "<tests.test_management_command.Revealing object>"
+    assert shown["configure"].endswith("<lambda>")
+
+
+def test_pgpool_shows_a_misconfigured_alias_without_the_password_its_options_hold() -> None:
+    pool = {"connect_params": {"password": SECRET}}
+    out = StringIO()
+    with (
+        temporary_alias("secretive", OPTIONS={"pool": pool}),
+        pytest.raises(CommandError) as raised,
+    ):
+        call_command("pgpool", "--json", stdout=out, stderr=StringIO())
+    assert json.loads(out.getvalue())["aliases"]["secretive"]["state"] == "misconfigured"
+    assert "['connect_params'] = <dict> is invalid" in str(raised.value)
+    assert SECRET not in out.getvalue() + str(raised.value)
+
+
+def test_pgpool_check_names_a_misspelt_connection_option_instead_of_blaming_the_server() -> None:
+    with temporary_alias("typo", OPTIONS={"sslmod": "disable", "pool": {"max_size": 2}}):
+        error = pgpool_error("check", "--database", "typo")
+    message = str(error)
+    assert error.returncode == 1
+    assert "DATABASES['typo']['OPTIONS'] has 'sslmod'" in message
+    assert "Did you mean 'sslmode'?" in message
+    assert "HOST, PORT, NAME, USER and PASSWORD" not in message
