@@ -35,6 +35,15 @@ def admin(server: ServerSettings) -> Iterator[Any]:
 
 
 @pytest.fixture
+def outsider(server: ServerSettings) -> Iterator[Any]:
+    """A plain psycopg2 connection (not pooled) to the database the pools use."""
+    conn = server.connect(application_name="pgpool-test-outsider")
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
 def peak_sampler(server: ServerSettings) -> Callable[..., PeakSampler]:
     def make(**filters: Any) -> PeakSampler:
         conn = server.connect(dbname="postgres", application_name="pgpool-test-sampler")
