@@ -38,6 +38,7 @@ from .creation import DatabaseCreation  # noqa: E402
 from .errors import PoolError  # noqa: E402
 from .pool import ConnectionPool  # noqa: E402
 from .pooled_connection import evaluated, pool_of  # noqa: E402
+from .release import ReleasePerTransaction  # noqa: E402
 from .signals import send_pool_event  # noqa: E402
 
 logger = logging.getLogger("django_pgpool")
@@ -110,7 +111,7 @@ class _PoolErrorsPassThrough(DatabaseErrorWrapper):
         super().__exit__(exc_type, exc_value, traceback)
 
 
-class DatabaseWrapper(postgresql.DatabaseWrapper):
+class DatabaseWrapper(ReleasePerTransaction, postgresql.DatabaseWrapper):
     client_class = DatabaseClient
     creation_class = DatabaseCreation
     # Set while closing a connection Django found unusable: the pool discards it.
@@ -178,9 +179,21 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # If this thread ends without closing, the pool takes the connection
         # back, unless the wrapper was shared with other threads on purpose
         # (inc_thread_sharing(), as LiveServerTestCase does): they'll close it.
-        if not _warned_about_executor_threads and _in_an_event_loop_executor():
+        per_transaction = pool.config.release == "transaction"
+        if (
+            not per_transaction
+            and not _warned_about_executor_threads
+            and _in_an_event_loop_executor()
+        ):
             _warn_about_executor_threads()
-        connection = pool.getconn(bind_to_thread=True, keep_if=self._shared_with_other_threads)
+        connection = pool.getconn(
+            bind_to_thread=True,
+            keep_if=self._shared_with_other_threads,
+            # CONN_HEALTH_CHECKS checks a connection once per request: not
+            # again each time the same request takes one back.
+            check=False if self._released else None,
+        )
+        self.releases_per_transaction = per_transaction
         checkout = self._checkout
         checkout.connection = connection
         checkout.checkout_id = connection.pool_entry.checkout_id

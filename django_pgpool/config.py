@@ -48,6 +48,7 @@ class PoolConfig:
     configure: Callable[[Any], None] | None = None
     connect_params: Callable[[], Mapping[str, Any]] | None = None
     leak_threshold: float = 0.0
+    release: str = "request"
     name: str = ""
     # Not an option: CONN_HEALTH_CHECKS=True turns every checkout into a
     # round-trip check, as Django's native pool does.
@@ -88,7 +89,7 @@ class Option:
     #: The option's row in the documentation's table (Markdown).
     help: str
     #: "connections", "requests", "seconds", "optional seconds", "reset",
-    #: "callable" or "name": which validator of :mod:`.validation` applies.
+    #: "callable", "name" or "choice": which validator of :mod:`.validation` applies.
     kind: str
     minimum: float = 0.0
     minimum_is_exclusive: bool = False
@@ -98,6 +99,8 @@ class Option:
     default_text: str = ""
     #: The value may hold credentials: messages never show it.
     secret: bool = False
+    #: What a "choice" option accepts.
+    choices: tuple[str, ...] = ()
 
     def validate(self, value: Any) -> Any:
         """The value, normalised; raises :class:`~.validation.InvalidValue` saying why not."""
@@ -123,6 +126,8 @@ class Option:
             return validation.optional_callable(value, signature=self.signature)
         if self.kind == "name":
             return None if value is None else validation.pool_name(value)
+        if self.kind == "choice":
+            return validation.choice(value, self.choices)
         raise AssertionError(f"unknown option kind {self.kind!r}")  # pragma: no cover
 
     @property
@@ -196,9 +201,9 @@ OPTIONS: tuple[Option, ...] = (
         True,
         "",
         "What happens to a returned connection's session. `True`: a fresh session is "
-        "restored (see below) in the background after the connection is returned. "
-        "`False`: only roll back. A SQL string or a `callable(connection)` replaces the "
-        "built-in reset.",
+        "restored (`DISCARD ALL`, see below), sent as the connection is returned and "
+        "finished before its next use, at no round trip of its own. `False`: only roll "
+        "back. A SQL string or a `callable(connection)` replaces the built-in reset.",
         "reset",
     ),
     Option(
@@ -235,6 +240,18 @@ OPTIONS: tuple[Option, ...] = (
         "A connection checked out longer than this logs one warning with the stack that "
         "took it. `0`: off.",
         "seconds",
+    ),
+    Option(
+        "release",
+        "request",
+        "",
+        'When a thread gives its connection back. `"request"`: when Django closes it, at '
+        'the end of the request (Django\'s model). `"transaction"`: as soon as the thread '
+        "has no open cursor and no open transaction, so a connection is held only while "
+        "it is used; what needs the same session across statements pins it (see "
+        "docs/configuration.md).",
+        "choice",
+        choices=("request", "transaction"),
     ),
     Option(
         "name",

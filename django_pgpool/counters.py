@@ -31,6 +31,7 @@ COUNTERS = (
     "checks_num",
     "checks_failed",
     "leaks_detected",
+    "pins_num",
 )
 
 

@@ -170,6 +170,7 @@ class ConnectionPool(ThreadedConnectionPool):
         timeout: float | None = None,
         bind_to_thread: bool = False,
         keep_if: Callable[[], bool] | None = None,
+        check: bool | None = None,
     ) -> Any:
         """Take a connection, waiting up to ``timeout`` seconds (default: the pool's).
 
@@ -178,6 +179,9 @@ class ConnectionPool(ThreadedConnectionPool):
         connection is returned to the pool by itself if the calling thread ends
         without putting it back, unless ``keep_if()`` then says it is still in
         use elsewhere (a connection handed on to another thread on purpose).
+        ``check=True`` checks an idle connection with a round trip, ``False``
+        only if it was idle longer than ``check_after_idle`` (even with
+        ``CONN_HEALTH_CHECKS``); ``None``: the pool's rule.
         """
         if self._pid != os.getpid():
             self.abandon_after_fork()
@@ -229,7 +233,7 @@ class ConnectionPool(ThreadedConnectionPool):
                     slots.abandon(waiter)
                     raise
             try:
-                if self._ready(conn, handed_over=waiter is not None):
+                if self._ready(conn, waiter is not None, check):
                     return self._hand_out(conn, key, bind_to_thread, keep_if, wait_started)
             except BaseException:
                 # Interrupted (a signal handler, gevent.Timeout) halfway
@@ -248,7 +252,7 @@ class ConnectionPool(ThreadedConnectionPool):
                 too_many_requests_message(self.name, waiting, self.maxconn, max_waiting)
             )
 
-    def _ready(self, conn: Any, handed_over: bool) -> bool:
+    def _ready(self, conn: Any, handed_over: bool, check: bool | None) -> bool:
         """Whether a connection just taken may be handed out.
 
         Its reset, if one was sent when it was returned, is finished first.
@@ -265,16 +269,20 @@ class ConnectionPool(ThreadedConnectionPool):
         now = time.monotonic()
         last_used = entry.last_used
         idle_for = now - last_used
+        if check is None:
+            window = self._check_window
+        else:
+            window = 0.0 if check else self.config.check_after_idle
         return (
-            idle_for <= self._check_window
+            idle_for <= window
             and last_used >= self._suspect_before
             and now < entry.expires_at
             and entry.generation == self.generation
             and not conn.closed
             and (idle_for < SOCKET_CHECK_AFTER or not entry.socket_has_data())
-        ) or self._is_usable(conn, now)
+        ) or self._is_usable(conn, now, window)
 
-    def _is_usable(self, conn: Any, now: float) -> bool:
+    def _is_usable(self, conn: Any, now: float, window: float) -> bool:
         """Whether an idle connection may be handed out, with a round trip only if needed."""
         entry = conn.pool_entry
         if conn.closed or entry.generation != self.generation:
@@ -283,7 +291,7 @@ class ConnectionPool(ThreadedConnectionPool):
             self.counters.add("connections_expired")
             return False
         if (
-            now - entry.last_used <= self._check_window
+            now - entry.last_used <= window
             and entry.last_used >= self._suspect_before
             and not entry.socket_has_data()
         ):

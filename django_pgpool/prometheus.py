@@ -188,6 +188,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "Connections held longer than leak_threshold.",
         counter=True,
     ),
+    MetricSpec(
+        "pins_num",
+        "django_pgpool_pins",
+        'Connections pinned to a thread in release="transaction" mode.',
+        counter=True,
+    ),
 )
 
 _BY_STAT = {spec.stat: spec for spec in METRICS}

@@ -168,6 +168,14 @@ def reset_policy(value: Any) -> ResetPolicy:
     )
 
 
+def choice(value: Any, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (strings), exactly."""
+    if isinstance(value, str) and value in choices:
+        return value
+    listed = " or ".join(repr(c) for c in choices)
+    raise InvalidValue(f"must be {listed}", wrong_type=not isinstance(value, str))
+
+
 def optional_callable(
     value: Any, *, signature: str = "callable(connection)"
 ) -> Callable[..., Any] | None:
