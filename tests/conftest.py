@@ -35,6 +35,16 @@ def admin(server: ServerSettings) -> Iterator[Any]:
 
 
 @pytest.fixture
+def pools_database(server: ServerSettings) -> Iterator[Any]:
+    """A plain connection to the database that ``make_pool``'s pools use (the
+    server's own, which is not always ``postgres``), in autocommit mode."""
+    conn = server.connect(application_name="pgpool-test-admin")
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
 def peak_sampler(server: ServerSettings) -> Callable[..., PeakSampler]:
     def make(**filters: Any) -> PeakSampler:
         conn = server.connect(dbname="postgres", application_name="pgpool-test-sampler")
