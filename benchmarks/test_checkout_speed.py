@@ -17,7 +17,7 @@ import pytest
 
 from django_pgpool.config import PoolConfig
 from django_pgpool.pool import ConnectionPool
-from testproject.pgserver import ensure_server
+from testsupport.pgserver import ensure_server
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
 
 On a machine that lacks the dependencies, the first run creates ``.venv`` in
 the repository, installs the project with its extras there and continues
-inside it. PostgreSQL is found or started as :mod:`testproject.pgserver` says.
+inside it. PostgreSQL is found or started as :mod:`testsupport.pgserver` says.
 """
 
 from __future__ import annotations

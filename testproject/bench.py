@@ -42,7 +42,7 @@ from typing import Any
 
 import psycopg2
 
-from testproject.pgserver import EmbeddedPostgres, ServerSettings, from_environment, is_reachable
+from testsupport.pgserver import EmbeddedPostgres, ServerSettings, from_environment, is_reachable
 
 REPO = Path(__file__).resolve().parent.parent
 # One database per run, dropped at the end: runs against the same server at

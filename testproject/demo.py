@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from testproject.pgserver import ServerSettings, ensure_server
+from testsupport.pgserver import ServerSettings, ensure_server
 
 DEMO_DATABASE = "pgpool_demo"
 APPLICATION_NAME = "pgpool-demo"

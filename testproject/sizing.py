@@ -109,7 +109,7 @@ def table(rows: list[Row], available: int, args: argparse.Namespace) -> str:
 
 def server_limits() -> tuple[int, int]:
     """max_connections and the reserved connections of the testproject's server."""
-    from testproject.pgserver import ensure_server
+    from testsupport.pgserver import ensure_server
 
     conn = ensure_server(quiet=True).connect()
     try:
