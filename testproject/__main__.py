@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
 
         return demo(rest)
     if command == "bench":
-        from testproject.bench import main as bench
+        from benchmarks.runner import main as bench
 
         return bench(rest)
     if command == "manage":

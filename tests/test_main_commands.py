@@ -34,20 +34,44 @@ def test_the_benchmark_runs_every_strategy_and_writes_its_results(tmp_path: Path
     result = run_command("bench", "--smoke", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "results.json").read_text())
-    strategies = {row["strategy"] for row in data["medians"]}
-    assert strategies == {"default", "persistent", "pgpool", "pgpool-noreset", "native"}
+    measured = {(row["mode"], row["strategy"]) for row in data["medians"]}
+    strategies = {"default", "persistent", "pgpool", "pgpool-noreset", "native"}
+    assert measured == {(mode, name) for mode in ("http", "inprocess") for name in strategies}
     cells = {(row["workload"], row["threads"]) for row in data["medians"]}
     assert cells == {("read", 1), ("read", 8), ("transaction", 1), ("transaction", 8), ("read", 64)}
     for row in data["medians"]:
         assert row["requests_per_second"] > 0, row
         assert row["failed"] == 0, row
         if row["strategy"].startswith("pgpool"):
-            pool_size = 8 if row["threads"] == 64 else 10
+            if row["threads"] == 64:
+                pool_size = 8
+            else:
+                # Over HTTP the pools keep their default max_size (10); in-process
+                # they are as big as the threads.
+                pool_size = 10 if row["mode"] == "http" else row["threads"]
             assert row["peak_server_connections"] <= pool_size, row
     assert (tmp_path / "results.png").stat().st_size > 10_000
-    assert "| read | 1 | pgpool |" in (tmp_path / "results.md").read_text()
+    tables = (tmp_path / "results.md").read_text()
+    assert "### Over HTTP" in tables and "### In-process" in tables
+    assert "| read | 1 | pgpool |" in tables
     assert "against the targets:" in result.stdout
     assert data["authentication"]
+
+
+def test_the_benchmark_runs_one_mode_when_asked(tmp_path: Path) -> None:
+    result = run_command(
+        "bench", "--smoke", "--mode", "inprocess", "--strategies", "pgpool,persistent",
+        "--no-overload", "--threads", "2", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["mode"], r["strategy"], r["threads"]) for r in data["medians"]} == {
+        ("inprocess", "pgpool", 2),
+        ("inprocess", "persistent", 2),
+    }
+    # min_size = max_size = threads: both connections open, no more.
+    peaks = [r["peak_server_connections"] for r in data["medians"] if r["strategy"] == "pgpool"]
+    assert peaks == [2, 2]  # read, transaction
 
 
 @pytest.mark.timeout(120)
