@@ -2,7 +2,7 @@
 
 Smoke runs only: they check that every strategy is served and measured and
 that the outputs are written; speed is never judged here (the benchmark's
-numbers are in the README, from a full run).
+numbers are in docs/performance.md, from a full run).
 """
 
 from __future__ import annotations
@@ -16,7 +16,21 @@ import pytest
 
 from .helpers import REPO
 
-pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize("command", ["bench", "demo", "test", "manage"])
+def test_help_installs_nothing_in_a_python_without_the_dependencies(command: str) -> None:
+    # -S: no site-packages, so neither Django nor any extra is importable.
+    result = subprocess.run(
+        [sys.executable, "-S", "-m", "testproject", command, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[testproject] installing" not in result.stderr
+    assert "creating" not in result.stderr
+    assert "usage:" in result.stdout or "python3 -m testproject" in result.stdout
 
 
 def run_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -29,6 +43,7 @@ def run_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_benchmark_runs_every_strategy_and_writes_its_results(tmp_path: Path) -> None:
     result = run_command("bench", "--smoke", "--out", str(tmp_path))
@@ -58,6 +73,7 @@ def test_the_benchmark_runs_every_strategy_and_writes_its_results(tmp_path: Path
     assert data["authentication"]
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_one_mode_when_asked(tmp_path: Path) -> None:
     result = run_command(
         "bench", "--smoke", "--mode", "inprocess", "--strategies", "pgpool,persistent",
@@ -74,6 +90,7 @@ def test_the_benchmark_runs_one_mode_when_asked(tmp_path: Path) -> None:
     assert peaks == [2, 2]  # read, transaction
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_demo_serves_requests_within_max_size() -> None:
     result = run_command("demo", "--seconds", "1", "--threads", "6", "--max-size", "3")
