@@ -28,9 +28,7 @@ def server() -> ServerSettings:
 
 
 @pytest.fixture(scope="session")
-def django_db_modify_db_settings(
-    django_db_modify_db_settings_parallel_suffix: None, server: ServerSettings
-) -> None:
+def django_db_modify_db_settings(request: pytest.FixtureRequest, server: ServerSettings) -> None:
     """Point every alias at the session's server before the test databases are made.
 
     pytest-django imports the settings before any fixture runs, and they only
@@ -50,6 +48,9 @@ def django_db_modify_db_settings(
             NAME=server.dbname,
         )
         entry["OPTIONS"] = {**entry.get("OPTIONS", {}), **dict(server.options)}
+    # The suffixes pytest-django gives the test databases' names under tox and
+    # xdist are made from NAME: only now is it the server's.
+    request.getfixturevalue("django_db_modify_db_settings_parallel_suffix")
 
 
 @pytest.fixture
