@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testsupport import REPO
 
@@ -48,6 +48,9 @@ from . import report
 from .load import BOOKS, OVERLOAD_POOL, OVERLOAD_THREADS, WORKLOADS, Cell
 from .strategies import STRATEGIES, Strategy
 from .targets import TARGETS, Target
+
+if TYPE_CHECKING:
+    from .database import Monitor
 
 MODES = tuple(report.MODES)
 
@@ -82,7 +85,7 @@ def pool_options(mode: str, cell: Cell) -> dict[str, Any]:
 
 
 def measure(
-    target: Target, cell: Cell, round_number: int, config: BenchConfig, monitor: Any
+    target: Target, cell: Cell, round_number: int, config: BenchConfig, monitor: Monitor
 ) -> report.Measurement:
     """One strategy on one cell: the load, and the peak of its server connections
     after the warm-up."""
@@ -115,7 +118,7 @@ def measure_mode(
     strategies: list[Strategy],
     config: BenchConfig,
     env: dict[str, str],
-    monitor: Any,
+    monitor: Monitor,
     progress: Progress,
 ) -> Iterator[report.Measurement]:
     """Every cell of one mode: the strategies' processes side by side for each
