@@ -9,7 +9,8 @@ points at that server. A server has ``max_connections`` slots, less
 
 N comes from the ``PGPOOL_EXPECTED_PROCESSES`` setting (default 1). The
 ``pgpool check`` management command and the ``django_pgpool.W002`` system
-check both use this module.
+check both use this module. :class:`Deployment` spreads the processes over
+machines and adds PgBouncer in transaction pooling, for ``pgpool size``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from .config import parse_pool_options, pool_is_enabled
 
 #: The Django setting holding how many processes run the project at once.
 EXPECTED_PROCESSES_SETTING = "PGPOOL_EXPECTED_PROCESSES"
+
+#: What PostgreSQL ships with, assumed when the server can't be asked.
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_SUPERUSER_RESERVED_CONNECTIONS = 3
 
 # current_setting(name, true) returns NULL for a setting the server doesn't
 # have: reserved_connections only exists from PostgreSQL 16.
@@ -99,6 +104,20 @@ class ServerLimits:
             "connections_in_use": self.connections_in_use,
             "server_version": self.server_version,
         }
+
+
+def assumed_limits(
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    reserved: int = DEFAULT_SUPERUSER_RESERVED_CONNECTIONS,
+) -> ServerLimits:
+    """Limits that were not read from a server: given, or PostgreSQL's defaults."""
+    return ServerLimits(
+        max_connections=max_connections,
+        superuser_reserved_connections=reserved,
+        reserved_connections=None,
+        connections_in_use=0,
+        server_version="unknown",
+    )
 
 
 def read_server_limits(conn: Any) -> ServerLimits:
@@ -214,3 +233,52 @@ class Fit:
                 f"less, {remedies}."
             )
         return f"Even max_size=1 for {d.alias!r} does not fit: {remedies}."
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Processes spread over machines, and the server connections they may need.
+
+    Directly on PostgreSQL (or through PgBouncer in *session* pooling, where a
+    pooled connection keeps its server connection), every pooled connection is
+    a server connection. Through PgBouncer in *transaction* pooling, the pools
+    are PgBouncer's clients, and PostgreSQL sees at most ``default_pool_size``
+    server connections per PgBouncer for each pool of PgBouncer's (one per
+    database and user; counted here as one per alias).
+    """
+
+    machines: int
+    processes: int  # on each machine
+    #: max_size of every pooled alias on the server, per process, the alias first.
+    max_sizes: dict[str, int]
+
+    @property
+    def per_process(self) -> int:
+        return sum(self.max_sizes.values())
+
+    @property
+    def direct(self) -> int:
+        """Server connections without PgBouncer: every process's every pooled connection."""
+        return self.machines * self.processes * self.per_process
+
+    def demand(self, alias: str) -> Demand:
+        """The same connections as a :class:`Demand` of all processes, to hold against limits."""
+        return Demand(alias, self.machines * self.processes, self.max_sizes)
+
+    @property
+    def clients_per_machine(self) -> int:
+        """Client connections a PgBouncer on each machine accepts from that machine."""
+        return self.processes * self.per_process
+
+    def server_connections_per_machine(self, pgbouncer_pool_size: int) -> int:
+        """Server connections of a PgBouncer on each machine, all machines together."""
+        return self.machines * sum(
+            min(self.processes * size, pgbouncer_pool_size) for size in self.max_sizes.values()
+        )
+
+    def server_connections_central(self, pgbouncer_pool_size: int) -> int:
+        """Server connections of one PgBouncer that all machines share."""
+        return sum(
+            min(self.machines * self.processes * size, pgbouncer_pool_size)
+            for size in self.max_sizes.values()
+        )

@@ -1,5 +1,8 @@
 """The demo: the testproject served over HTTP to many client threads for a few
-seconds, then what it took: requests served, server connections, pool statistics."""
+seconds, then what it took: requests served, server connections, pool statistics.
+
+It runs on a database of its own, created for the run and dropped at its end.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +14,36 @@ import random
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-from testproject.pgserver import ServerSettings, ensure_server
+if TYPE_CHECKING:
+    from testsupport.pgserver import ServerSettings
 
-DEMO_DATABASE = "pgpool_demo"
-APPLICATION_NAME = "pgpool-demo"
+# A database per run: demos run at once (two checkouts) never share tables.
+DEMO_DATABASE = f"pgpool_demo_{os.getpid()}"
+APPLICATION_NAME = f"pgpool-demo-{os.getpid()}"
 
 
-def prepare_database(server: ServerSettings, name: str) -> None:
-    """Create the database if needed (never touching any other)."""
-    admin = server.connect(dbname="postgres")
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
-        if cursor.fetchone() is None:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
+@contextmanager
+def own_database(server: ServerSettings, name: str) -> Iterator[None]:
+    """Create the database for the ``with`` block and drop it afterwards."""
+
+    def admin(sql: str) -> None:
+        conn = server.connect(dbname="postgres")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql)
+        finally:
+            conn.close()
+
+    admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def count_connections(admin: Any, application_name: str) -> int:
@@ -38,15 +54,24 @@ def count_connections(admin: Any, application_name: str) -> int:
         return int(cursor.fetchone()[0])
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m testproject demo", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=16, help="client threads")
     parser.add_argument("--max-size", type=int, default=4, help="the pool's max_size")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from testsupport.pgserver import ensure_server
 
     server = ensure_server()
-    prepare_database(server, DEMO_DATABASE)
+    with own_database(server, DEMO_DATABASE):
+        return serve(server, args)
+
+
+def serve(server: ServerSettings, args: argparse.Namespace) -> int:
     os.environ["TESTPROJECT_DB_NAME"] = DEMO_DATABASE
     os.environ["TESTPROJECT_APPLICATION_NAME"] = APPLICATION_NAME
     os.environ["TESTPROJECT_POOL"] = json.dumps({"max_size": args.max_size, "timeout": 30})

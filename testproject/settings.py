@@ -1,9 +1,13 @@
 """Settings of the testproject.
 
-The database server comes from :func:`testproject.pgserver.ensure_server`
-(environment, local server, or a throwaway cluster). A few environment
-variables let the benchmark run the same project with other connection
-strategies:
+The database server is the one ``DATABASE_URL`` or the ``PG*`` variables
+name (``PGHOST``, ``PGPORT``, ``PGUSER``, ``PGPASSWORD``, ``PGDATABASE``),
+else ``127.0.0.1:5432`` as user ``postgres``. Importing the settings connects
+to nothing: whoever runs the project first makes sure the server is there
+(:func:`testsupport.pgserver.ensure_server`, which may start a throwaway
+cluster and export its address as ``PG*`` variables). A few more environment
+variables let the benchmark and the tests run the same project with other
+connection strategies:
 
 - ``TESTPROJECT_ENGINE``: ``django_pgpool`` (default) or another ENGINE;
 - ``TESTPROJECT_POOL``: JSON for ``OPTIONS["pool"]`` (``false`` disables it);
@@ -25,17 +29,11 @@ import json
 import os
 from pathlib import Path
 
-from testproject.pgserver import ServerSettings, ensure_server
+from testsupport.pgserver import configured_server
 
 BASE_DIR = Path(__file__).resolve().parent
 
-# Static analysis (mypy's Django plugin) imports these settings too; it needs
-# no database server.
-SERVER = (
-    ServerSettings(source="placeholder")
-    if os.environ.get("TESTPROJECT_NO_SERVER")
-    else ensure_server()
-)
+SERVER = configured_server()
 
 SECRET_KEY = "testproject-only-not-a-secret"
 DEBUG = False

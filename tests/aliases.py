@@ -32,3 +32,17 @@ def temporary_alias(alias: str, **settings: Any) -> Iterator[dict[str, Any]]:
             del connections[alias]
         del connections.settings[alias]
         django_pgpool.closeall(alias)
+
+
+@contextmanager
+def unpooled(alias: str) -> Iterator[None]:
+    """Turn the pool of ``alias`` off for a ``with`` block (``OPTIONS["pool"] = False``)."""
+    from django.db import connections
+
+    options = connections.settings[alias]["OPTIONS"]
+    saved = options.get("pool", True)
+    options["pool"] = False
+    try:
+        yield
+    finally:
+        options["pool"] = saved

@@ -1,5 +1,7 @@
-"""Shared fixtures. Every test runs against a real PostgreSQL server: the one
-:mod:`testproject.pgserver` found or started (see the README's "embedded default")."""
+"""Shared fixtures. Every test that uses the database runs against a real
+PostgreSQL server: the one :mod:`testsupport.pgserver` found or started (see
+the README's "embedded default"), found or started the first time a test needs
+it. Tests that need no database (configuration, documentation) need no server."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 import django_pgpool
 from django_pgpool.config import PoolConfig
 from django_pgpool.pool import ConnectionPool
-from testproject.pgserver import ServerSettings, ensure_server
+from testsupport.pgserver import ServerSettings, ensure_server
 
 from .helpers import PeakSampler, backends
 
@@ -23,6 +25,32 @@ from .helpers import PeakSampler, backends
 @pytest.fixture(scope="session")
 def server() -> ServerSettings:
     return ensure_server()
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(request: pytest.FixtureRequest, server: ServerSettings) -> None:
+    """Point every alias at the session's server before the test databases are made.
+
+    pytest-django imports the settings before any fixture runs, and they only
+    name a server (from the environment, without connecting); the launcher may
+    have started a throwaway cluster elsewhere since. ``connections.settings``
+    is ``settings.DATABASES`` itself, and each connection's ``settings_dict``
+    one of its entries, so changing the entries in place reaches them all.
+    """
+    from django.db import connections
+
+    for entry in connections.settings.values():
+        entry.update(
+            HOST=server.host,
+            PORT=str(server.port),
+            USER=server.user,
+            PASSWORD=server.password,
+            NAME=server.dbname,
+        )
+        entry["OPTIONS"] = {**entry.get("OPTIONS", {}), **dict(server.options)}
+    # The suffixes pytest-django gives the test databases' names under tox and
+    # xdist are made from NAME: only now is it the server's.
+    request.getfixturevalue("django_db_modify_db_settings_parallel_suffix")
 
 
 @pytest.fixture
@@ -35,9 +63,10 @@ def admin(server: ServerSettings) -> Iterator[Any]:
 
 
 @pytest.fixture
-def outsider(server: ServerSettings) -> Iterator[Any]:
-    """A plain psycopg2 connection (not pooled) to the database the pools use."""
-    conn = server.connect(application_name="pgpool-test-outsider")
+def pools_database(server: ServerSettings) -> Iterator[Any]:
+    """A plain connection to the database that ``make_pool``'s pools use (the
+    server's own, which is not always ``postgres``), in autocommit mode."""
+    conn = server.connect(application_name="pgpool-test-admin")
     conn.autocommit = True
     yield conn
     conn.close()

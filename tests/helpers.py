@@ -10,10 +10,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from testsupport import REPO, eventually
+
+__all__ = ["REPO", "eventually"]
 
 
 def query_one(conn: Any, sql: str, params: Any = None) -> Any:
@@ -176,14 +177,3 @@ def run_in_threads(count: int, target: Callable[[int], Any]) -> list[Any]:
     if errors:
         raise errors[0]
     return results
-
-
-def eventually(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Poll until predicate() is truthy (server-side effects such as a backend
-    exiting after its client closed take a few milliseconds); return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)

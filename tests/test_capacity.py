@@ -178,7 +178,7 @@ monkey.patch_all()
 import gevent, json, sys
 from django_pgpool.config import PoolConfig
 from django_pgpool.pool import ConnectionPool
-from testproject.pgserver import ensure_server
+from testsupport.pgserver import ensure_server
 
 config = PoolConfig(min_size=0, max_size=2, max_idle=None)
 pool = ConnectionPool(config, ensure_server().connect_kwargs())

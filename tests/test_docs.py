@@ -105,7 +105,7 @@ def slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-@pytest.mark.parametrize("page", ["configuration.md", "migrating.md"])
+@pytest.mark.parametrize("page", ["configuration.md", "migrating.md", "performance.md"])
 def test_links_between_the_docs_lead_somewhere(page: str) -> None:
     text = (DOCS / page).read_text()
     for target, anchor in re.findall(r"\]\(([\w./-]*)(?:#([\w-]+))?\)", text):

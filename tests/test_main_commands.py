@@ -2,7 +2,7 @@
 
 Smoke runs only: they check that every strategy is served and measured and
 that the outputs are written; speed is never judged here (the benchmark's
-numbers are in the README, from a full run).
+numbers are in docs/performance.md, from a full run).
 """
 
 from __future__ import annotations
@@ -16,7 +16,21 @@ import pytest
 
 from .helpers import REPO
 
-pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize("command", ["bench", "demo", "test", "manage"])
+def test_help_installs_nothing_in_a_python_without_the_dependencies(command: str) -> None:
+    # -S: no site-packages, so neither Django nor any extra is importable.
+    result = subprocess.run(
+        [sys.executable, "-S", "-m", "testproject", command, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[testproject] installing" not in result.stderr
+    assert "creating" not in result.stderr
+    assert "usage:" in result.stdout or "python3 -m testproject" in result.stdout
 
 
 def run_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -29,27 +43,54 @@ def run_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_benchmark_runs_every_strategy_and_writes_its_results(tmp_path: Path) -> None:
     result = run_command("bench", "--smoke", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "results.json").read_text())
-    strategies = {row["strategy"] for row in data["medians"]}
-    assert strategies == {"default", "persistent", "pgpool", "pgpool-noreset", "native"}
+    measured = {(row["mode"], row["strategy"]) for row in data["medians"]}
+    strategies = {"default", "persistent", "pgpool", "pgpool-noreset", "native"}
+    assert measured == {(mode, name) for mode in ("http", "inprocess") for name in strategies}
     cells = {(row["workload"], row["threads"]) for row in data["medians"]}
     assert cells == {("read", 1), ("read", 8), ("transaction", 1), ("transaction", 8), ("read", 64)}
     for row in data["medians"]:
         assert row["requests_per_second"] > 0, row
         assert row["failed"] == 0, row
         if row["strategy"].startswith("pgpool"):
-            pool_size = 8 if row["threads"] == 64 else 10
+            if row["threads"] == 64:
+                pool_size = 8
+            else:
+                # Over HTTP the pools keep their default max_size (10); in-process
+                # they are as big as the threads.
+                pool_size = 10 if row["mode"] == "http" else row["threads"]
             assert row["peak_server_connections"] <= pool_size, row
     assert (tmp_path / "results.png").stat().st_size > 10_000
-    assert "| read | 1 | pgpool |" in (tmp_path / "results.md").read_text()
+    tables = (tmp_path / "results.md").read_text()
+    assert "### Over HTTP" in tables and "### In-process" in tables
+    assert "| read | 1 | pgpool |" in tables
     assert "against the targets:" in result.stdout
     assert data["authentication"]
 
 
+@pytest.mark.slow
+def test_the_benchmark_runs_one_mode_when_asked(tmp_path: Path) -> None:
+    result = run_command(
+        "bench", "--smoke", "--mode", "inprocess", "--strategies", "pgpool,persistent",
+        "--no-overload", "--threads", "2", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["mode"], r["strategy"], r["threads"]) for r in data["medians"]} == {
+        ("inprocess", "pgpool", 2),
+        ("inprocess", "persistent", 2),
+    }
+    # min_size = max_size = threads: both connections open, no more.
+    peaks = [r["peak_server_connections"] for r in data["medians"] if r["strategy"] == "pgpool"]
+    assert peaks == [2, 2]  # read, transaction
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_demo_serves_requests_within_max_size() -> None:
     result = run_command("demo", "--seconds", "1", "--threads", "6", "--max-size", "3")

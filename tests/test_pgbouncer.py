@@ -3,7 +3,7 @@
 Each process keeps its pool of client connections to PgBouncer, which shares
 a few server connections among all of them. The database is created, migrated
 and seeded directly on PostgreSQL; PgBouncer is started for it on a free port,
-and ``python -m testproject.orm_checks`` runs the ORM through PgBouncer in a
+and ``python -m testsupport.orm_checks`` runs the ORM through PgBouncer in a
 subprocess while this test counts the server connections PostgreSQL sees
 (``pg_stat_activity``) and the client connections PgBouncer sees
 (``SHOW POOLS``).
@@ -34,12 +34,12 @@ import pytest
 from django_pgpool import PoolTimeout
 from django_pgpool.config import PoolConfig
 from django_pgpool.pool import ConnectionPool
-from testproject.orm_checks import CHECKS
-from testproject.pgserver import ServerSettings, ensure_server
+from testsupport.orm_checks import CHECKS
+from testsupport.pgbouncer import PgBouncer, executable, pgbouncer
+from testsupport.pgserver import ServerSettings, ensure_server
+from testsupport.servers import ConnectionSampler, Library, library_database, project_env
 
 from .helpers import REPO, PeakSampler
-from .pgbouncer import PgBouncer, executable, pgbouncer
-from .servers import ConnectionSampler, Library, library_database, project_env
 
 pytestmark = [
     pytest.mark.slow,
@@ -73,7 +73,7 @@ def orm_checks(
     seconds: float = 2.0,
     only: str = "",
 ) -> dict[str, Any]:
-    """Run ``python -m testproject.orm_checks`` through PgBouncer; its report."""
+    """Run ``python -m testsupport.orm_checks`` through PgBouncer; its report."""
     settings = {**bouncer.django_settings(), "TESTPROJECT_POOL": json.dumps(pool)}
     if not server_side_cursors:
         settings["TESTPROJECT_DISABLE_SERVER_SIDE_CURSORS"] = "1"
@@ -81,7 +81,7 @@ def orm_checks(
     if only:
         args += ["--only", only]
     result = subprocess.run(
-        [sys.executable, "-m", "testproject.orm_checks", *args],
+        [sys.executable, "-m", "testsupport.orm_checks", *args],
         env=project_env(library.name, **settings),
         cwd=REPO,
         capture_output=True,

@@ -220,10 +220,10 @@ def test_a_slow_connect_does_not_stall_other_threads(make_pool: Any, server: Any
 
 
 def test_an_open_transaction_is_rolled_back_when_returned(
-    make_pool: Any, outsider: Any, caplog: Any
+    make_pool: Any, pools_database: Any, caplog: Any
 ) -> None:
     pool = make_pool(max_size=1)
-    outsider.cursor().execute("CREATE TABLE IF NOT EXISTS pgpool_rollback_probe (n int)")
+    pools_database.cursor().execute("CREATE TABLE IF NOT EXISTS pgpool_rollback_probe (n int)")
     conn = pool.getconn()
     conn.autocommit = False
     conn.cursor().execute("INSERT INTO pgpool_rollback_probe VALUES (1)")
@@ -238,7 +238,7 @@ def test_an_open_transaction_is_rolled_back_when_returned(
     assert conn.autocommit
     assert query_one(conn, "SELECT count(*) FROM pgpool_rollback_probe") == 0
     pool.putconn(conn)
-    outsider.cursor().execute("DROP TABLE pgpool_rollback_probe")
+    pools_database.cursor().execute("DROP TABLE pgpool_rollback_probe")
 
 
 def test_an_aborted_transaction_is_rolled_back_when_returned(make_pool: Any) -> None:
@@ -364,10 +364,10 @@ def test_keys_give_the_same_connection_until_put_back(make_pool: Any) -> None:
 
 
 def test_the_connection_context_manager_commits_rolls_back_and_returns(
-    make_pool: Any, outsider: Any
+    make_pool: Any, pools_database: Any
 ) -> None:
     pool = make_pool(max_size=1)
-    outsider.cursor().execute("CREATE TABLE IF NOT EXISTS pgpool_cm_probe (n int)")
+    pools_database.cursor().execute("CREATE TABLE IF NOT EXISTS pgpool_cm_probe (n int)")
     try:
         with pool.connection() as conn:
             conn.autocommit = False
@@ -381,10 +381,10 @@ def test_the_connection_context_manager_commits_rolls_back_and_returns(
 
         with pytest.raises(ZeroDivisionError):
             insert_then_fail()
-        assert query_one(outsider, "SELECT array_agg(n) FROM pgpool_cm_probe") == [1]
+        assert query_one(pools_database, "SELECT array_agg(n) FROM pgpool_cm_probe") == [1]
         assert pool.stats()["pool_in_use"] == 0
     finally:
-        outsider.cursor().execute("DROP TABLE pgpool_cm_probe")
+        pools_database.cursor().execute("DROP TABLE pgpool_cm_probe")
 
 
 def test_closing_the_pool_while_threads_hold_connections_does_not_disturb_them(

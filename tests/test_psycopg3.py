@@ -77,6 +77,7 @@ def test_psycopg3_is_installed_in_the_test_environment() -> None:
     ],
     ids=["backend-loaded-by-the-engine", "app-listed-before-contrib-postgres"],
 )
+@pytest.mark.usefixtures("server")  # its address, exported as PG* variables
 def test_with_psycopg3_installed_the_engine_still_runs_on_psycopg2(apps: list[str]) -> None:
     result = parse(run_django(apps))
     assert result["is_psycopg2"] and result["pooled"]
@@ -93,6 +94,7 @@ def test_when_something_loaded_djangos_backend_on_psycopg3_first_startup_is_refu
     assert "pip uninstall psycopg" in result.stderr
 
 
+@pytest.mark.usefixtures("server")
 def test_without_psycopg3_the_engine_runs_on_psycopg2() -> None:
     hide_psycopg3 = "import sys; sys.modules['psycopg'] = None\n"
     result = parse(

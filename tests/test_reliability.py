@@ -28,7 +28,7 @@ from django_pgpool.base import DatabaseWrapper
 from django_pgpool.config import PoolConfig
 from django_pgpool.pool import ConnectionPool
 from testproject.library.models import Author
-from testproject.pgserver import EmbeddedPostgres
+from testsupport.pgserver import EmbeddedPostgres
 
 from .helpers import backends, eventually, pool_options, query_one, run_in_threads, run_python
 

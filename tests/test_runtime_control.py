@@ -17,7 +17,7 @@ from django_pgpool import PoolTimeout
 from django_pgpool.config import PoolConfig
 from django_pgpool.pool import ConnectionPool
 from django_pgpool.signals import connection_discarded, pool_exhausted
-from testproject.pgserver import EmbeddedPostgres
+from testsupport.pgserver import EmbeddedPostgres
 
 from .helpers import backends, eventually, pool_options, query_one
 

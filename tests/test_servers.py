@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from testproject.pgserver import ServerSettings, ensure_server
-
-from .servers import (
+from testsupport.pgserver import ServerSettings, ensure_server
+from testsupport.servers import (
     ConnectionSampler,
     Library,
     Plan,

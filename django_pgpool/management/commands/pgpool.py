@@ -15,10 +15,21 @@
     N defaults to ``settings.PGPOOL_EXPECTED_PROCESSES`` (1). Exit status: 0
     when it fits, 1 when it doesn't (or the settings are wrong), 2 when the
     database can't be reached.
+
+``manage.py pgpool size --machines N[,N...] --processes P[,P...] [--database ALIAS]``
+    The server connections a deployment of N machines running P processes
+    each may open, directly and through PgBouncer in transaction pooling (one
+    on each machine, or one for all), against the server's
+    ``max_connections``: read through the alias's pool as ``check`` does, or
+    given with ``--max-connections`` / ``--reserved``. When the server can't
+    be reached it assumes PostgreSQL's defaults and says so. ``--max-size``
+    tries other values for the alias; the other pooled aliases on the same
+    server count with their own.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -53,6 +64,19 @@ _COLUMNS = (
 )
 
 
+def _whole_numbers(option: str, text: str) -> list[int]:
+    """``"1,2,4"`` to ``[1, 2, 4]``; a CommandError naming the option for anything else."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise CommandError(
+            f"{option} takes whole numbers >= 1, comma-separated (for example 1,2,4), not {text!r}."
+        )
+    return values
+
+
 def _first_line(exc: BaseException) -> str:
     """An error's first line, without a closing period (it goes inside a sentence)."""
     lines = str(exc).strip().splitlines()
@@ -61,8 +85,9 @@ def _first_line(exc: BaseException) -> str:
 
 class Command(BaseCommand):
     help = (
-        "Show this process's django_pgpool pools (--open to build them), or "
-        "'check' that an alias's pool reaches its server and fits its max_connections."
+        "Show this process's django_pgpool pools (--open to build them), "
+        "'check' that an alias's pool reaches its server and fits its max_connections, "
+        "or 'size' a deployment of machines x processes, directly and through PgBouncer."
     )
     # A diagnostic tool: it must still run when the system checks find errors.
     requires_system_checks: list[str] = []
@@ -71,22 +96,64 @@ class Command(BaseCommand):
         parser.add_argument(
             "action",
             nargs="?",
-            choices=("show", "check"),
+            choices=("show", "check", "size"),
             default="show",
             help="'show' (default): the pools of this process; 'check': connect and "
-            "compare the pool sizes with the server's max_connections.",
+            "compare the pool sizes with the server's max_connections; 'size': the "
+            "connections of a deployment of --machines x --processes, directly and "
+            "through PgBouncer.",
         )
         parser.add_argument(
             "--database",
             metavar="ALIAS",
-            help="The alias to show or check (check: 'default' unless given).",
+            help="The alias to show, check or size (check, size: 'default' unless given).",
         )
         parser.add_argument(
             "--processes",
+            metavar="N",
+            help="check: processes that run the project at once; size: processes on each "
+            "machine, comma-separated to compare (default: "
+            f"settings.{capacity.EXPECTED_PROCESSES_SETTING}, else 1).",
+        )
+        parser.add_argument(
+            "--machines",
+            metavar="N",
+            default="1",
+            help="size: machines running those processes, comma-separated to compare (default: 1).",
+        )
+        parser.add_argument(
+            "--max-size",
+            metavar="N",
+            help="size: max_size values to try for the alias, comma-separated (default: its own).",
+        )
+        parser.add_argument(
+            "--max-connections",
             type=int,
             metavar="N",
-            help="check: processes that run the project at once "
-            f"(default: settings.{capacity.EXPECTED_PROCESSES_SETTING}, else 1).",
+            help="size: the server's max_connections, instead of asking the server "
+            f"(default with --reserved: {capacity.DEFAULT_MAX_CONNECTIONS}).",
+        )
+        parser.add_argument(
+            "--reserved",
+            type=int,
+            metavar="N",
+            help="size: superuser_reserved_connections + reserved_connections, instead of "
+            f"asking the server (default with --max-connections: "
+            f"{capacity.DEFAULT_SUPERUSER_RESERVED_CONNECTIONS}).",
+        )
+        parser.add_argument(
+            "--pgbouncer-pool-size",
+            type=int,
+            default=20,
+            metavar="N",
+            help="size: PgBouncer's default_pool_size (default: 20).",
+        )
+        parser.add_argument(
+            "--max-client-conn",
+            type=int,
+            default=100,
+            metavar="N",
+            help="size: PgBouncer's max_client_conn (default: 100).",
         )
         parser.add_argument(
             "--open",
@@ -107,6 +174,8 @@ class Command(BaseCommand):
             raise CommandError("--timeout must be a number of seconds > 0.")
         if options["action"] == "check":
             self._check(options)
+        elif options["action"] == "size":
+            self._size(options)
         else:
             self._show(options)
 
@@ -213,17 +282,31 @@ class Command(BaseCommand):
 
     # ------------------------------------------------------------------ check
 
+    def _expected_processes(self) -> int:
+        try:
+            return capacity.expected_processes()
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
+
+    def _read_limits(self, alias: str, timeout: float) -> capacity.ServerLimits:
+        """The server's limits, read through the alias's pool (psycopg2 or Django errors)."""
+        with django_pgpool.connection(alias, timeout=timeout) as conn:
+            return capacity.read_server_limits(conn)
+
     def _check(self, options: dict[str, Any]) -> None:
         alias = options["database"] or "default"
         self._pooled_aliases(alias)
-        processes = options["processes"]
-        if processes is None:
+        if options["processes"] is None:
+            processes = self._expected_processes()
+        else:
             try:
-                processes = capacity.expected_processes()
-            except ImproperlyConfigured as exc:
-                raise CommandError(str(exc)) from None
-        elif processes < 1:
-            raise CommandError(f"--processes must be a whole number >= 1, not {processes}.")
+                processes = int(options["processes"])
+            except ValueError:
+                processes = 0
+            if processes < 1:
+                raise CommandError(
+                    f"--processes must be a whole number >= 1, not {options['processes']}."
+                )
         settings_dict = connections[alias].settings_dict
         database = capacity.describe_database(settings_dict)
         try:
@@ -234,8 +317,7 @@ class Command(BaseCommand):
 
         started = time.monotonic()
         try:
-            with django_pgpool.connection(alias, timeout=options["timeout"]) as conn:
-                limits = capacity.read_server_limits(conn)
+            limits = self._read_limits(alias, options["timeout"])
         except (psycopg2.Error, DjangoDatabaseError) as exc:
             if options["json"]:
                 report = {"alias": alias, "database": database, "reachable": False}
@@ -305,4 +387,162 @@ class Command(BaseCommand):
             )
         else:
             lines.append("  fits                             NO")
+        self.stdout.write("\n".join(lines))
+
+    # ------------------------------------------------------------------ size
+
+    def _size(self, options: dict[str, Any]) -> None:
+        alias = options["database"] or "default"
+        self._pooled_aliases(alias)
+        machines = _whole_numbers("--machines", options["machines"])
+        if options["processes"] is None:
+            processes = [self._expected_processes()]
+        else:
+            processes = _whole_numbers("--processes", options["processes"])
+        for name in ("pgbouncer_pool_size", "max_client_conn"):
+            if options[name] < 1:
+                flag = "--" + name.replace("_", "-")
+                raise CommandError(f"{flag} must be a whole number >= 1, not {options[name]}.")
+        try:
+            own = capacity.demand(alias, 1).max_sizes
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
+        if options["max_size"] is None:
+            max_sizes = [own[alias]]
+        else:
+            max_sizes = _whole_numbers("--max-size", options["max_size"])
+        limits, source, error = self._size_limits(alias, options)
+        deployments = [
+            capacity.Deployment(n, p, {**own, alias: m})
+            for n, p, m in itertools.product(machines, processes, max_sizes)
+        ]
+        pool_size = options["pgbouncer_pool_size"]
+        rows = [
+            {
+                "machines": d.machines,
+                "processes": d.processes,
+                "max_size": d.max_sizes[alias],
+                "direct": d.direct,
+                "per_machine": d.server_connections_per_machine(pool_size),
+                "per_machine_clients": d.clients_per_machine,
+                "central": d.server_connections_central(pool_size),
+                "central_clients": d.direct,
+            }
+            for d in deployments
+        ]
+        if options["json"]:
+            report: dict[str, Any] = {
+                "alias": alias,
+                "other_aliases": {name: size for name, size in own.items() if name != alias},
+                "limits": source,
+                "max_connections": limits.max_connections,
+                "reserved": limits.max_connections - limits.available,
+                "available": limits.available,
+                "pgbouncer_pool_size": pool_size,
+                "max_client_conn": options["max_client_conn"],
+                "rows": rows,
+            }
+            if error:
+                report["error"] = error
+            self.stdout.write(json.dumps(report, indent=2))
+            return
+        self._write_size(alias, own, max_sizes, limits, source, error, rows, options)
+
+    def _size_limits(
+        self, alias: str, options: dict[str, Any]
+    ) -> tuple[capacity.ServerLimits, str, str]:
+        """The server's limits, where they come from ('given', 'server' or 'assumed'), and
+        why they had to be assumed."""
+        given_max, given_reserved = options["max_connections"], options["reserved"]
+        if given_max is not None or given_reserved is not None:
+            limits = capacity.assumed_limits(
+                capacity.DEFAULT_MAX_CONNECTIONS if given_max is None else given_max,
+                capacity.DEFAULT_SUPERUSER_RESERVED_CONNECTIONS
+                if given_reserved is None
+                else given_reserved,
+            )
+            if limits.superuser_reserved_connections < 0 or limits.available < 1:
+                raise CommandError(
+                    f"--max-connections {limits.max_connections} and --reserved "
+                    f"{limits.superuser_reserved_connections} leave no connection to the "
+                    f"application: give max_connections above the reserved connections (>= 0)."
+                )
+            return limits, "given", ""
+        try:
+            return self._read_limits(alias, options["timeout"]), "server", ""
+        except (psycopg2.Error, DjangoDatabaseError) as exc:
+            database = capacity.describe_database(connections[alias].settings_dict)
+            error = f"alias {alias!r} cannot reach its database {database}: {_first_line(exc)}"
+            return capacity.assumed_limits(), "assumed", error
+
+    def _write_size(
+        self,
+        alias: str,
+        own: dict[str, int],
+        max_sizes: list[int],
+        limits: capacity.ServerLimits,
+        source: str,
+        error: str,
+        rows: list[dict[str, Any]],
+        options: dict[str, Any],
+    ) -> None:
+        others = {name: size for name, size in own.items() if name != alias}
+        available = limits.available
+        reserved = limits.max_connections - available
+        line = f"Each process pools alias {alias!r} (max_size {', '.join(map(str, max_sizes))})"
+        if others:
+            line += " and, on the same server, " + ", ".join(
+                f"{name!r} (max_size {size})" for name, size in others.items()
+            )
+        lines = [line + "."]
+        limits_line = (
+            f"PostgreSQL takes {available} connections from the application "
+            f"(max_connections {limits.max_connections} - {reserved} reserved)"
+        )
+        if source == "server":
+            lines.append(
+                f"{limits_line}, read from the server (PostgreSQL {limits.server_version})."
+            )
+        elif source == "given":
+            lines.append(f"{limits_line}, as given.")
+        else:
+            lines += [
+                f"{limits_line}: ASSUMED, PostgreSQL's defaults. Give --max-connections and "
+                f"--reserved for the real server's.",
+                f"(The server could not be asked: {error}.)",
+            ]
+        max_client_conn = options["max_client_conn"]
+        lines += [
+            f"PgBouncer: transaction pooling, default_pool_size "
+            f"{options['pgbouncer_pool_size']}, max_client_conn {max_client_conn}. "
+            "'!' marks what does not fit.",
+            "",
+            "| machines | processes each | max_size | direct | PgBouncer on each machine "
+            "(its clients) | one PgBouncer (its clients) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+
+        def server(value: int) -> str:
+            return f"{value}" if value <= available else f"{value} !"
+
+        def clients(value: int) -> str:
+            return f"{value}" if value <= max_client_conn else f"{value} !"
+
+        for row in rows:
+            lines.append(
+                f"| {row['machines']} | {row['processes']} | {row['max_size']} "
+                f"| {server(row['direct'])} "
+                f"| {server(row['per_machine'])} ({clients(row['per_machine_clients'])}) "
+                f"| {server(row['central'])} ({clients(row['central_clients'])}) |"
+            )
+        lines.append("")
+        for max_size in max_sizes:
+            per_process = max_size + sum(others.values())
+            what = f"max_size {max_size}" + "".join(
+                f" + {size} for {name!r}" for name, size in others.items()
+            )
+            lines.append(
+                f"Directly on PostgreSQL with {what}: at most {available // per_process} "
+                f"processes, all machines together."
+            )
         self.stdout.write("\n".join(lines))

@@ -18,10 +18,9 @@ from typing import Any
 
 import psycopg2
 
-from testproject.pgserver import ServerSettings
-
-from .helpers import eventually
-from .servers import ServerProcess, free_port
+from testsupport import eventually
+from testsupport.pgserver import ServerSettings
+from testsupport.servers import ServerProcess, free_port
 
 EXECUTABLES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
 

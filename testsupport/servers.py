@@ -28,9 +28,8 @@ from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
-from testproject.pgserver import ServerSettings
-
-from .helpers import REPO, eventually
+from testsupport import REPO, eventually
+from testsupport.pgserver import ServerSettings
 
 
 def free_port() -> int:

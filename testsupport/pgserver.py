@@ -1,6 +1,10 @@
 """Find a PostgreSQL server to run against, or start a throwaway one.
 
-The order, used by the test suite and the demo alike:
+The testproject's settings only *name* a server (:func:`configured_server`:
+``DATABASE_URL`` or ``PG*`` variables, else ``127.0.0.1:5432`` as user
+``postgres``) and never connect. :func:`ensure_server` makes sure a server is
+there, in this order; the test session, the demo and the benchmark call it
+before they use the database:
 
 1. ``DATABASE_URL``, or any of ``PGHOST`` / ``PGPORT`` / ``PGUSER`` /
    ``PGPASSWORD`` / ``PGDATABASE``, when that server answers;
@@ -9,8 +13,9 @@ The order, used by the test suite and the demo alike:
    machine's PostgreSQL binaries (``initdb`` / ``pg_ctl``) in a temporary
    directory, on a free loopback port, stopped and deleted at exit.
 
-Whatever is chosen is exported as ``PG*`` variables, so subprocesses (the
-tests start some) find the same server without starting another one.
+Whatever is chosen is exported as ``PG*`` variables, so settings imported
+after it and subprocesses (the tests start some) find the same server
+without starting another one.
 """
 
 from __future__ import annotations
@@ -126,6 +131,12 @@ def from_environment() -> ServerSettings | None:
         dbname=os.environ.get("PGDATABASE") or "postgres",
         source="PG* environment variables",
     )
+
+
+def configured_server() -> ServerSettings:
+    """The server the environment names, else the usual local one; nothing is
+    connected to (settings call this at import)."""
+    return from_environment() or ServerSettings(source="local server on 127.0.0.1:5432")
 
 
 def is_reachable(settings: ServerSettings, timeout: int = 3) -> bool:

@@ -1,7 +1,7 @@
 """ORM checks against whatever the settings point at: queries, transactions,
 ``QuerySet.iterator()``, bulk operations, session handling and concurrent use.
 
-    python -m testproject.orm_checks [--threads 16] [--seconds 2] [--only NAME,...]
+    python -m testsupport.orm_checks [--threads 16] [--seconds 2] [--only NAME,...]
 
 The tests run it through PgBouncer (``TESTPROJECT_DB_HOST`` /
 ``TESTPROJECT_DB_PORT``) in session and transaction pooling modes, against a
@@ -237,7 +237,8 @@ def session_reset(observed: dict[str, Any]) -> None:
     end_of_request()
     # The pool hands out its most recently used connection first: hold each
     # one taken until the one on that server session comes out.
-    pool = connection.pool
+    # django.db.connection is typed as the base wrapper, which has no pool.
+    pool = connection.pool  # type: ignore[attr-defined]
     held = []
     observed["same_server_session"] = False
     try:
@@ -296,7 +297,7 @@ def load(threads: int, seconds: float) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testproject.orm_checks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testsupport.orm_checks", description=__doc__)
     parser.add_argument("--threads", type=int, default=16, help="threads of the load (0: none)")
     parser.add_argument("--seconds", type=float, default=2.0, help="how long the load lasts")
     parser.add_argument("--only", default="", help="comma-separated checks to run")
