@@ -68,6 +68,11 @@ STRATEGIES = {
         ),
         Strategy("pgpool", "django_pgpool (defaults)"),
         Strategy("pgpool-noreset", "django_pgpool, reset off", pool={"reset": False}),
+        Strategy(
+            "pgpool-transaction",
+            "django_pgpool, released per transaction",
+            pool={"release": "transaction"},
+        ),
         # Same sizes as django_pgpool's defaults (min_size 1, max_size 10).
         Strategy(
             "native",
