@@ -38,7 +38,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.postgresql.base import CursorDebugWrapper
 from django.db.backends.utils import CursorWrapper
 
-from .pooled_connection import TRANSACTION_IDLE
+from .pooled_connection import OPEN_TRANSACTION_STATUSES
 
 if TYPE_CHECKING:
     from .base import DatabaseWrapper
@@ -266,7 +266,7 @@ class ReleasePerTransaction:
             or self.allow_thread_sharing
         ):
             return
-        if self.connection.info.transaction_status != TRANSACTION_IDLE:
+        if self.connection.info.transaction_status in OPEN_TRANSACTION_STATUSES:
             return  # a transaction opened with a raw BEGIN: held until it ends
         self._close()  # type: ignore[attr-defined]
         self._released = True

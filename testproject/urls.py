@@ -9,6 +9,7 @@ urlpatterns = [
     path("books/", views.book_list),
     path("books/<int:pk>/", views.book_detail),
     path("books/<int:pk>/buy/", views.buy_book),
+    path("async/books/", views.async_catalogue),
     path("async/books/<int:pk>/", views.async_book_detail),
     path("async/books/<int:pk>/thread/", views.async_book_detail_in_thread),
     path("db/session/", views.session_info),

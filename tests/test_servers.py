@@ -218,6 +218,51 @@ def test_uvicorn_answers_async_views_correctly_when_max_size_exceeds_the_executo
     assert max(sampler.peaks.values()) <= max_size
 
 
+def async_orm_requests(library: Library) -> Plan:
+    """Only async views: the async ORM (aget, acount, async iteration) and
+    sync_to_async(thread_sensitive=False), with nothing giving connections back
+    by hand."""
+    pks = sorted(library.books)
+
+    def plan(rng: random.Random) -> tuple[str, str]:
+        pk = rng.choice(pks)
+        roll = rng.random()
+        if roll < 0.4:
+            return "GET", f"/async/books/{pk}/thread/"
+        if roll < 0.7:
+            return "GET", f"/async/books/{pk}/"
+        return "GET", "/async/books/"
+
+    return plan
+
+
+@pytest.mark.timeout(120)
+def test_uvicorn_in_transaction_mode_serves_32_clients_from_4_connections(
+    library: Library, server: ServerSettings, tmp_path: Path
+) -> None:
+    """With release="transaction", executor threads hold a connection only for
+    the statement they run, so a pool far smaller than the executor serves
+    every request, without closing_connections anywhere."""
+    tag = f"asgi-transaction-{token()}-"
+    port = free_port()
+    env = project_env(
+        library.name,
+        TESTPROJECT_POOL=json.dumps({"max_size": 4, "timeout": 20, "release": "transaction"}),
+        TESTPROJECT_APPLICATION_NAME=tag + "{pid}",
+    )
+    with running(uvicorn(port), env=env, log_path=tmp_path / "uvicorn.log", port=port) as asgi:
+        with ConnectionSampler(server, application_prefix=tag) as sampler:
+            replies = hammer(port, async_orm_requests(library), clients=32, requests_each=15)
+        log = asgi.log()
+
+    assert [reply.status for reply in replies] == [200] * len(replies), log
+    assert wrong_replies(replies, library) == [], log
+    catalogue = [reply.json() for reply in replies if reply.path == "/async/books/"]
+    assert catalogue and all(len(body["titles"]) == 20 for body in catalogue)
+    assert len(sampler.peaks) == 1
+    assert max(sampler.peaks.values()) <= 4
+
+
 @pytest.mark.timeout(90)
 def test_uvicorn_with_max_size_below_the_executor_threads_runs_out_of_connections(
     library: Library, server: ServerSettings, tmp_path: Path

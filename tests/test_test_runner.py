@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -93,6 +94,27 @@ def test_a_pool_opened_at_start_up_never_serves_the_test_run(real_database: Any)
     assert re.search(
         r"test_a_query_made_at_start_up_saw_the_real_database \(.*\) \.\.\. ok", output
     )
+    assert (
+        query_one(real_database, "SELECT count(*) FROM library_author WHERE name = %s", [MARKER])
+        == 1
+    )
+
+
+def test_djangos_test_runner_works_in_transaction_mode(real_database: Any, admin: Any) -> None:
+    pool = {"max_size": 8, "timeout": 10, "release": "transaction"}
+    for extra in ([], ["--parallel", "2"]):
+        result = django_admin(
+            "test",
+            "testproject.library",
+            "--noinput",
+            "-v",
+            "2",
+            *extra,
+            extra_env={"TESTPROJECT_POOL": json.dumps(pool)},
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert "Ran 7 tests" in output
     assert (
         query_one(real_database, "SELECT count(*) FROM library_author WHERE name = %s", [MARKER])
         == 1

@@ -63,6 +63,13 @@ async def async_book_detail_in_thread(request: HttpRequest, pk: int) -> JsonResp
     return JsonResponse(await sync_to_async(_read_book_and_pid, thread_sensitive=False)(pk))
 
 
+async def async_catalogue(request: HttpRequest) -> JsonResponse:
+    """The async ORM's other ways in: a count, and async iteration over a queryset."""
+    count = await Book.objects.acount()
+    titles = [book.title async for book in Book.objects.order_by("pk")[:20]]
+    return JsonResponse({"count": count, "titles": titles})
+
+
 def session_info(request: HttpRequest) -> JsonResponse:
     """What the connection serving this request is: backend pid, database, time zone."""
     with connection.cursor() as cursor:
