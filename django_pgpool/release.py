@@ -185,6 +185,15 @@ class ReleasePerTransaction:
         self._cursor_generation += 1
         super().close()  # type: ignore[misc]
 
+    def close_if_unusable_or_obsolete(self) -> None:
+        # Django calls this at the start and end of each request. A connection
+        # already given back still ends here, as far as Django is concerned:
+        # the next request starts afresh (and CONN_HEALTH_CHECKS checks again).
+        if self._released and self.connection is None:
+            self.close()
+            return
+        super().close_if_unusable_or_obsolete()  # type: ignore[misc]
+
     def get_autocommit(self) -> bool:
         if self._released and self.connection is None:
             return self.autocommit  # known without taking a connection

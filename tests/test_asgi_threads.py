@@ -49,7 +49,7 @@ def test_a_connection_taken_in_an_executor_thread_stays_with_it_until_the_thread
     seeded_books: list[int],
 ) -> None:
     threads = 4
-    with pool_options(min_size=0, max_size=2, timeout=0.5):
+    with pool_options(min_size=0, max_size=2, timeout=0.5, release="request"):
         pool = connection.pool
         together = threading.Barrier(threads)
 
@@ -127,7 +127,7 @@ def test_taking_a_connection_in_an_executor_thread_is_warned_about_once(
 
     caplog.set_level(logging.WARNING, logger="django_pgpool")
     base._warned_about_executor_threads = False
-    with pool_options(min_size=0, max_size=4):
+    with pool_options(min_size=0, max_size=4, release="request"):
 
         def read(pk: int) -> str:
             return Book.objects.get(pk=pk).title

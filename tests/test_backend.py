@@ -83,7 +83,7 @@ def test_a_process_never_holds_more_than_max_size_connections_for_an_alias(
 
 
 def test_an_exhausted_pool_fails_the_query_with_a_django_operational_error() -> None:
-    with pool_options(max_size=1, timeout=0.3):
+    with pool_options(max_size=1, timeout=0.3, release="request"):
         holding, release = threading.Event(), threading.Event()
 
         def hold_the_only_connection() -> None:
@@ -189,7 +189,10 @@ def test_each_alias_gets_its_own_pool() -> None:
     default_pool, replica_pool = connections["default"].pool, connections["replica"].pool
     assert isinstance(default_pool, ConnectionPool) and isinstance(replica_pool, ConnectionPool)
     assert default_pool is not replica_pool
-    assert connections["default"].connection is not connections["replica"].connection
+    with connections["default"].cursor() as primary, connections["replica"].cursor() as replica:
+        primary.execute("SELECT pg_backend_pid()")
+        replica.execute("SELECT pg_backend_pid()")
+        assert primary.fetchone() != replica.fetchone()
     assert set(django_pgpool.stats()) >= {"default", "replica"}
     for alias in ("default", "replica"):
         connections[alias].close()

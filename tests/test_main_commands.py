@@ -50,7 +50,14 @@ def test_the_benchmark_runs_every_strategy_and_writes_its_results(tmp_path: Path
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "results.json").read_text())
     measured = {(row["mode"], row["strategy"]) for row in data["medians"]}
-    strategies = {"default", "persistent", "pgpool", "pgpool-noreset", "native"}
+    strategies = {
+        "default",
+        "persistent",
+        "pgpool",
+        "pgpool-noreset",
+        "pgpool-transaction",
+        "native",
+    }
     assert measured == {(mode, name) for mode in ("http", "inprocess") for name in strategies}
     cells = {(row["workload"], row["threads"]) for row in data["medians"]}
     assert cells == {("read", 1), ("read", 8), ("transaction", 1), ("transaction", 8), ("read", 64)}

@@ -122,7 +122,7 @@ def test_with_max_size_1_an_orm_query_waits_while_a_raw_connection_is_held() -> 
 
 
 def test_with_max_size_1_a_raw_checkout_times_out_while_the_orm_holds_the_connection() -> None:
-    with pool_options(max_size=1, timeout=10):
+    with pool_options(max_size=1, timeout=10, release="request"):
         Author.objects.count()  # the ORM keeps its connection until close()
         with pytest.raises(PoolTimeout, match=r"pool 'default'.*within 0\.2 s"):
             django_pgpool.getconn("default", timeout=0.2)

@@ -483,7 +483,7 @@ def test_multiprocessing_children_never_share_the_parents_connections() -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_threads_that_end_without_closing_give_their_connection_back(peak_sampler: Any) -> None:
-    with pool_options(min_size=0, max_size=4, timeout=10):
+    with pool_options(min_size=0, max_size=4, timeout=10, release="request"):
         pool = connection.pool
 
         def short_lived(_: int) -> int:
