@@ -135,17 +135,21 @@ def read_server_limits(conn: Any) -> ServerLimits:
 
 
 @dataclass(frozen=True)
-class Demand:
-    """The most connections the pooled aliases on one server may open."""
-
-    alias: str
-    processes: int
-    #: max_size of every pooled alias on the alias's server, the alias first.
+class _PoolSizes:
+    #: max_size of every pooled alias on the server, per process, the alias first.
     max_sizes: dict[str, int]
 
     @property
     def per_process(self) -> int:
         return sum(self.max_sizes.values())
+
+
+@dataclass(frozen=True)
+class Demand(_PoolSizes):
+    """The most connections the pooled aliases on one server may open."""
+
+    alias: str
+    processes: int
 
     @property
     def total(self) -> int:
@@ -236,7 +240,7 @@ class Fit:
 
 
 @dataclass(frozen=True)
-class Deployment:
+class Deployment(_PoolSizes):
     """Processes spread over machines, and the server connections they may need.
 
     Directly on PostgreSQL (or through PgBouncer in *session* pooling, where a
@@ -249,12 +253,6 @@ class Deployment:
 
     machines: int
     processes: int  # on each machine
-    #: max_size of every pooled alias on the server, per process, the alias first.
-    max_sizes: dict[str, int]
-
-    @property
-    def per_process(self) -> int:
-        return sum(self.max_sizes.values())
 
     @property
     def direct(self) -> int:
@@ -263,7 +261,9 @@ class Deployment:
 
     def demand(self, alias: str) -> Demand:
         """The same connections as a :class:`Demand` of all processes, to hold against limits."""
-        return Demand(alias, self.machines * self.processes, self.max_sizes)
+        return Demand(
+            alias=alias, processes=self.machines * self.processes, max_sizes=self.max_sizes
+        )
 
     @property
     def clients_per_machine(self) -> int:

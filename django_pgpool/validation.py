@@ -108,25 +108,33 @@ def seconds(
     example: Any = None,
 ) -> float:
     """A finite number of seconds, above (``exclusive``) or from ``minimum``, up to ``maximum``."""
-    return _seconds(value, minimum, exclusive, maximum, example, optional=False)
+    return _seconds(
+        value,
+        minimum=minimum,
+        exclusive=exclusive,
+        maximum=maximum,
+        example=example,
+        optional=False,
+    )
 
 
-def optional_seconds(
-    value: Any,
-    *,
-    minimum: float = 0.0,
-    exclusive: bool = False,
-    maximum: float = MAX_SECONDS,
-    example: Any = None,
-) -> float | None:
-    """As :func:`seconds`, or ``None`` (no limit)."""
+_SECONDS_LIMITS: dict[str, Any] = {
+    "minimum": 0.0,
+    "exclusive": False,
+    "maximum": MAX_SECONDS,
+    "example": None,
+}
+
+
+def optional_seconds(value: Any, **limits: Any) -> float | None:
+    """As :func:`seconds` (with the same keyword arguments), or ``None`` (no limit)."""
     if value is None:
         return None
-    return _seconds(value, minimum, exclusive, maximum, example, optional=True)
+    return _seconds(value, **{**_SECONDS_LIMITS, **limits}, optional=True)
 
 
 def _seconds(
-    value: Any, minimum: float, exclusive: bool, maximum: float, example: Any, *, optional: bool
+    value: Any, *, minimum: float, exclusive: bool, maximum: float, example: Any, optional: bool
 ) -> float:
     or_none = " or None" if optional else ""
     if not _is_number(value):

@@ -413,7 +413,7 @@ class Command(BaseCommand):
             max_sizes = _whole_numbers("--max-size", options["max_size"])
         limits, source, error = self._size_limits(alias, options)
         deployments = [
-            capacity.Deployment(n, p, {**own, alias: m})
+            capacity.Deployment(machines=n, processes=p, max_sizes={**own, alias: m})
             for n, p, m in itertools.product(machines, processes, max_sizes)
         ]
         pool_size = options["pgbouncer_pool_size"]
