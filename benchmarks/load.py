@@ -26,12 +26,20 @@ OVERLOAD_THREADS = 64
 OVERLOAD_POOL = 8
 
 
+#: The ASGI mode's clients, and its overload cell's pool: smaller than the
+#: event loop's executor (at least 5 threads: min(32, CPUs + 4)).
+ASGI_CLIENTS = 32
+ASGI_OVERLOAD_POOL = 4
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     method: str
     path: str  # with {pk}
     description: str
+    #: The modes that run it: the WSGI views, or the async views under ASGI.
+    modes: tuple[str, ...] = ("http", "inprocess")
 
 
 WORKLOADS = {
@@ -39,6 +47,14 @@ WORKLOADS = {
     for workload in (
         Workload("read", "GET", "/books/{pk}/", "one primary-key read"),
         Workload("transaction", "POST", "/books/{pk}/buy/", "atomic(): read, update, insert"),
+        Workload("async-read", "GET", "/async/books/{pk}/", "async view, aget()", modes=("asgi",)),
+        Workload(
+            "async-executor",
+            "GET",
+            "/async/books/{pk}/thread/",
+            "async view, ORM in sync_to_async(thread_sensitive=False)",
+            modes=("asgi",),
+        ),
     )
 }
 

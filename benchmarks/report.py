@@ -12,12 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .load import OVERLOAD_POOL, OVERLOAD_THREADS, WORKLOADS
+from .load import ASGI_CLIENTS, ASGI_OVERLOAD_POOL, OVERLOAD_POOL, OVERLOAD_THREADS, WORKLOADS
 
 #: What each mode runs, as the report's headings say it.
 MODES = {
     "http": "over HTTP: gunicorn gthread, keep-alive clients",
     "inprocess": "in-process: threads calling Django's WSGI handler, pool size = threads",
+    "asgi": (
+        "under ASGI: uvicorn, async views, the ORM in the event loop's executor threads, "
+        f"{ASGI_CLIENTS} keep-alive clients (overload: {OVERLOAD_THREADS} clients on a pool of "
+        f"{ASGI_OVERLOAD_POOL}, fewer connections than executor threads)"
+    ),
 }
 
 
@@ -163,6 +168,21 @@ def _targets(
             "django_pgpool vs Django's native pool: "
             + ", ".join(f"{w}/{t}: {r:.2f} ×" for w, t, r in native)
             + " (target ≥ 1.15)"
+        )
+    per_transaction = [
+        (workload, threads, rps("pgpool-transaction", workload, threads) or 0.0, ours)
+        for (strategy, workload, threads) in rows
+        if strategy == "pgpool" and (ours := rps("pgpool", workload, threads))
+    ]
+    if any(theirs for _, _, theirs, _ in per_transaction):
+        lines.append(
+            'release="transaction" vs "request": '
+            + ", ".join(
+                f"{w}/{t}: {theirs / ours:.2f} ×"
+                for w, t, theirs, ours in sorted(per_transaction)
+                if theirs
+            )
+            + " (target ≥ 1.00 at 32 threads and overload, ≥ 0.95 elsewhere)"
         )
     for threads in thread_counts:
         ours, default = rps("pgpool", "read", threads), rps("default", "read", threads)

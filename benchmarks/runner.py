@@ -45,7 +45,15 @@ from typing import TYPE_CHECKING, Any
 from testsupport import REPO
 
 from . import report
-from .load import BOOKS, OVERLOAD_POOL, OVERLOAD_THREADS, WORKLOADS, Cell
+from .load import (
+    ASGI_CLIENTS,
+    ASGI_OVERLOAD_POOL,
+    BOOKS,
+    OVERLOAD_POOL,
+    OVERLOAD_THREADS,
+    WORKLOADS,
+    Cell,
+)
 from .strategies import STRATEGIES, Strategy
 from .targets import TARGETS, Target
 
@@ -67,8 +75,14 @@ class BenchConfig:
     micro: bool = True
     out: Path = field(default_factory=lambda: REPO / "bench-results")
 
-    def cells(self) -> list[Cell]:
-        cells = [Cell(workload, threads) for threads in self.threads for workload in WORKLOADS]
+    def cells(self, mode: str = "http") -> list[Cell]:
+        workloads = [w.name for w in WORKLOADS.values() if mode in w.modes]
+        if mode == "asgi":
+            cells = [Cell(workload, ASGI_CLIENTS) for workload in workloads]
+            if self.overload:
+                cells.append(Cell("async-executor", OVERLOAD_THREADS, overload=True))
+            return cells
+        cells = [Cell(workload, threads) for threads in self.threads for workload in workloads]
         if self.overload:
             cells.append(Cell("read", OVERLOAD_THREADS, overload=True))
         return cells
@@ -76,6 +90,10 @@ class BenchConfig:
 
 def pool_options(mode: str, cell: Cell) -> dict[str, Any]:
     """What each mode changes in the pooled strategies' ``OPTIONS["pool"]``."""
+    if mode == "asgi":
+        # Fewer connections than the event loop's executor threads: where
+        # connections kept by executor threads run the pool dry.
+        return {"max_size": ASGI_OVERLOAD_POOL, "timeout": 5} if cell.overload else {}
     # The overload cell: a pool of 8 for 64 threads, and a timeout longer than the run.
     overload = {"max_size": OVERLOAD_POOL, "timeout": 600} if cell.overload else {}
     if mode == "inprocess":
@@ -123,8 +141,10 @@ def measure_mode(
 ) -> Iterator[report.Measurement]:
     """Every cell of one mode: the strategies' processes side by side for each
     concurrency, measured in turn, in a new order every round."""
+    if mode == "asgi":
+        strategies = [s for s in strategies if s.under_asgi]
     groups: dict[tuple[int, bool], list[Cell]] = {}
-    for cell in config.cells():
+    for cell in config.cells(mode):
         groups.setdefault((cell.threads, cell.overload), []).append(cell)
     for group in groups.values():
         options = pool_options(mode, group[0])
@@ -193,7 +213,12 @@ def run(config: BenchConfig) -> dict[str, Any]:
         database.create_database(server, env)
         monitor = database.Monitor(server)
         progress = Progress(
-            len(config.modes) * len(config.cells()) * len(strategies) * config.rounds
+            sum(
+                len(config.cells(mode))
+                * len([s for s in strategies if mode != "asgi" or s.under_asgi])
+                for mode in config.modes
+            )
+            * config.rounds
         )
         measurements: list[report.Measurement] = []
         try:
@@ -258,10 +283,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument(
         "--mode",
-        choices=(*MODES, "both"),
-        default="both",
-        help="http (gunicorn), inprocess (threads calling Django's WSGI handler), or both "
-        "(default)",
+        choices=(*MODES, "both", "all"),
+        default="all",
+        help="http (gunicorn), inprocess (threads calling Django's WSGI handler), asgi "
+        "(uvicorn, async views), both (http and inprocess) or all (default)",
     )
     parser.add_argument(
         "--no-overload",
@@ -300,7 +325,13 @@ def main(argv: list[str]) -> int:
             else tuple(int(t) for t in args.threads.split(","))
         ),
         strategies=tuple(args.strategies.split(",")),
-        modes=MODES if args.mode == "both" else (args.mode,),
+        modes=(
+            MODES
+            if args.mode == "all"
+            else ("http", "inprocess")
+            if args.mode == "both"
+            else (args.mode,)
+        ),
         overload=not args.no_overload,
         micro=not args.smoke,
         out=args.out,

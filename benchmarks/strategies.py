@@ -32,6 +32,8 @@ class Strategy:
     #: "psycopg3" leaves django_pgpool out of INSTALLED_APPS, so that Django's
     #: backend loads psycopg 3 (Django's native pool needs it).
     driver: str = "psycopg2"
+    #: Measured in the ASGI mode too (the comparisons that matter there).
+    under_asgi: bool = True
 
     @property
     def pooled(self) -> bool:
@@ -58,6 +60,7 @@ STRATEGIES = {
             "Django default (new connection per request)",
             engine=DJANGO_BACKEND,
             pool=False,
+            under_asgi=False,
         ),
         Strategy(
             "persistent",
@@ -67,7 +70,9 @@ STRATEGIES = {
             conn_max_age="none",
         ),
         Strategy("pgpool", "django_pgpool (defaults)"),
-        Strategy("pgpool-noreset", "django_pgpool, reset off", pool={"reset": False}),
+        Strategy(
+            "pgpool-noreset", "django_pgpool, reset off", pool={"reset": False}, under_asgi=False
+        ),
         Strategy(
             "pgpool-transaction",
             "django_pgpool, released per transaction",

@@ -126,37 +126,38 @@ class AppServer(_Process):
         self._load: threading.Thread | None = None
         self._result: LoadResult | None = None
 
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "testproject.wsgi:application",
+            "--worker-class",
+            "gthread",
+            "--workers",
+            "1",
+            "--threads",
+            str(self.threads),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--keep-alive",
+            "120",
+            "--backlog",
+            "2048",
+            "--timeout",
+            "600",
+            "--graceful-timeout",
+            "5",
+            "--log-level",
+            "warning",
+        ]
+
     def start(self) -> None:
-        self.process = self._spawn(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "testproject.wsgi:application",
-                "--worker-class",
-                "gthread",
-                "--workers",
-                "1",
-                "--threads",
-                str(self.threads),
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--keep-alive",
-                "120",
-                "--backlog",
-                "2048",
-                "--timeout",
-                "600",
-                "--graceful-timeout",
-                "5",
-                "--log-level",
-                "warning",
-            ]
-        )
+        self.process = self._spawn(self.command())
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise self._failed("gunicorn exited")
+                raise self._failed("the server exited")
             with contextlib.suppress(OSError):
                 client = HttpClient(self.port)
                 status, _ = client.request("GET", "/health/")
@@ -164,7 +165,7 @@ class AppServer(_Process):
                 if status == 200:
                     return
             time.sleep(0.1)
-        raise self._failed("gunicorn did not answer")
+        raise self._failed("the server did not answer")
 
     def begin(self, cell: Cell, seed: int, warmup: float, duration: float) -> None:
         def load() -> None:
@@ -245,7 +246,35 @@ class InProcessWorker(_Process):
         super().stop()
 
 
+class AsgiServer(AppServer):
+    """uvicorn (one process) serving the testproject's async views with one strategy."""
+
+    mode = "asgi"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "testproject.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--lifespan",
+            "off",
+            "--backlog",
+            "2048",
+            "--timeout-keep-alive",
+            "120",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+
+
 TARGETS: dict[str, type[AppServer] | type[InProcessWorker]] = {
     AppServer.mode: AppServer,
     InProcessWorker.mode: InProcessWorker,
+    AsgiServer.mode: AsgiServer,
 }
