@@ -18,7 +18,10 @@ strategies:
 - ``TESTPROJECT_DISABLE_SERVER_SIDE_CURSORS=1``: ``DISABLE_SERVER_SIDE_CURSORS``
   (PgBouncer in transaction mode);
 - ``TESTPROJECT_REPLICA_ROUTER=1``: reads go to the ``replica`` alias, writes
-  to ``default`` (:mod:`testproject.routers`).
+  to ``default`` (:mod:`testproject.routers`);
+- ``TESTPROJECT_PROMETHEUS=<seconds>``: the pools' Prometheus metrics on
+  ``/metrics`` (:mod:`testproject.metrics`; in multiprocess mode, written every
+  that many seconds).
 """
 
 import json

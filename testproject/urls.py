@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import path
 
+from testproject import metrics
 from testproject.library import views
 
 urlpatterns = [
@@ -12,4 +13,5 @@ urlpatterns = [
     path("async/books/<int:pk>/", views.async_book_detail),
     path("async/books/<int:pk>/thread/", views.async_book_detail_in_thread),
     path("db/session/", views.session_info),
+    path("metrics", metrics.metrics),
 ]
