@@ -19,8 +19,12 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import observers, process
+
+if TYPE_CHECKING:
+    from .pool import ConnectionPool
 
 #: Counters, in the order ``stats()`` reports them (after the gauges).
 COUNTERS = (
@@ -231,6 +235,13 @@ class Counters:
             dict(self.discards),
             None if timings is None else timings.copy(),
         )
+
+
+def read(pool: ConnectionPool) -> Reading:
+    """Everything ``pool`` counts, with its gauges, read in one locked step."""
+    slots = pool.slots
+    with slots.lock:
+        return pool.counters.read_locked(slots.gauges_locked())
 
 
 _timings_enabled = False

@@ -47,7 +47,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from .counters import BUCKETS, Reading, enable_timings
+from .counters import BUCKETS, Reading, enable_timings, read
 from .counters import Histogram as Buckets
 from .registry import pools as current_pools
 
@@ -281,13 +281,7 @@ def _unknown_spec(stat: str, counter: bool) -> MetricSpec:
 
 def read_pools() -> dict[str, Reading]:
     """Everything each current pool of the process counts, by alias."""
-    return {alias: _read(pool) for alias, pool in current_pools().items()}
-
-
-def _read(pool: ConnectionPool) -> Reading:
-    slots = pool.slots
-    with slots.lock:
-        return pool.counters.read_locked(slots.gauges_locked())
+    return {alias: read(pool) for alias, pool in current_pools().items()}
 
 
 def _bucket_samples(buckets: Buckets) -> list[tuple[str, float]]:
@@ -480,7 +474,7 @@ class MultiProcessExporter:
             self._aliases &= set(pools)
 
     def _write(self, alias: str, pool: ConnectionPool, *, gauges: bool) -> None:
-        reading = _read(pool)
+        reading = read(pool)
         earlier = self._written.get(pool)
         before = earlier[1] if earlier is not None else None
         for counter, values in ((False, reading.gauges), (True, reading.values)):

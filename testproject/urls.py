@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import admin
 from django.urls import path
 
@@ -8,6 +9,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("health/", views.health),
     path("books/", views.book_list),
+    path("books/page/", views.book_page),
     path("books/<int:pk>/", views.book_detail),
     path("books/<int:pk>/buy/", views.buy_book),
     path("async/books/<int:pk>/", views.async_book_detail),
@@ -15,3 +17,9 @@ urlpatterns = [
     path("db/session/", views.session_info),
     path("metrics", metrics.metrics),
 ]
+
+if settings.DEBUG and "debug_toolbar" in settings.INSTALLED_APPS:
+    from debug_toolbar.toolbar import debug_toolbar_urls
+    from django.contrib.staticfiles.urls import staticfiles_urlpatterns
+
+    urlpatterns += [*debug_toolbar_urls(), *staticfiles_urlpatterns()]
