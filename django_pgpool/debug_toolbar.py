@@ -131,7 +131,7 @@ def _milliseconds(value: float) -> str:
     return f"{value:.3f} ms"
 
 
-class PoolPanel(Panel):  # type: ignore[misc]  # debug_toolbar ships no type information here
+class PoolPanel(Panel):
     """django-debug-toolbar panel: waits, reuse and pool state per alias for this request."""
 
     title = "Connection pool"
@@ -142,7 +142,7 @@ class PoolPanel(Panel):  # type: ignore[misc]  # debug_toolbar ships no type inf
 
     @property
     def nav_subtitle(self) -> str:
-        stats = self.get_stats()
+        stats = self.get_stats()  # type: ignore[no-untyped-call]
         if not stats:
             return ""
         count = len(stats["checkouts"])
@@ -161,7 +161,7 @@ class PoolPanel(Panel):  # type: ignore[misc]  # debug_toolbar ships no type inf
             return
         recording = self._recording[0]
         checkouts = list(recording.checkouts)
-        self.record_stats(
+        self.record_stats(  # type: ignore[no-untyped-call]
             {
                 "checkouts": checkouts,
                 "warnings": list(recording.warnings),
@@ -171,7 +171,7 @@ class PoolPanel(Panel):  # type: ignore[misc]  # debug_toolbar ships no type inf
 
     @property
     def content(self) -> str:
-        stats = self.get_stats()
+        stats = self.get_stats()  # type: ignore[no-untyped-call]
         checkouts = stats.get("checkouts", [])
         warnings = stats.get("warnings", [])
         if checkouts:

@@ -70,6 +70,11 @@ class Checkout:
         self.waiting = len(slots.waiters)
 
 
+def reset_pending(conn: Any) -> bool:
+    """Whether a connection just taken still has its session reset to read (while watching)."""
+    return bool(conn.pool_entry.reset_pending)
+
+
 def checked_out(pool: ConnectionPool, conn: Any, waited: float, reset_pending: Any) -> None:
     """Called by the pool, while :data:`WATCHING`, for each connection it hands out.
 

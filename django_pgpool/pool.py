@@ -231,7 +231,7 @@ class ConnectionPool(ThreadedConnectionPool):
                     # already handed to it goes to the next waiter or back.
                     slots.abandon(waiter)
                     raise
-            reset_pending = started and conn.pool_entry.reset_pending  # read by _ready()
+            reset_pending = started and observers.reset_pending(conn)  # before _ready() reads it
             try:
                 if self._ready(conn, handed_over=waiter is not None):
                     return self._hand_out(

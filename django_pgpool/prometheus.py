@@ -45,7 +45,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import REGISTRY, CollectorRegistry
-from prometheus_client.utils import floatToGoString
 
 from .counters import BUCKETS, Reading, enable_timings, read
 from .counters import Histogram as Buckets
@@ -290,7 +289,7 @@ def _bucket_samples(buckets: Buckets) -> list[tuple[str, float]]:
     total = 0
     for bound, count in zip((*BUCKETS, float("inf")), buckets.counts, strict=True):
         total += count
-        samples.append((floatToGoString(bound), float(total)))
+        samples.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
     return samples
 
 
@@ -335,9 +334,9 @@ class Collector:
                     families[stat].add_metric([alias], value * spec.scale)
             timings = reading.timings
             if timings is not None:
-                for spec in HISTOGRAMS:
-                    buckets = getattr(timings, spec.timing)
-                    histograms[spec.timing].add_metric(
+                for histogram in HISTOGRAMS:
+                    buckets = getattr(timings, histogram.timing)
+                    histograms[histogram.timing].add_metric(
                         [alias], _bucket_samples(buckets), sum_value=buckets.sum
                     )
             for reason, count in sorted(reading.discards.items()):
@@ -498,10 +497,11 @@ class MultiProcessExporter:
                 self._discards.labels(alias, reason).inc(delta)
         if reading.timings is not None:
             earlier_timings = before.timings if before is not None else None
-            for spec in HISTOGRAMS:
-                buckets = getattr(reading.timings, spec.timing)
-                then = getattr(earlier_timings, spec.timing) if earlier_timings else None
-                _add_observations(self._histograms[spec.timing].labels(alias), buckets.since(then))
+            for histogram in HISTOGRAMS:
+                buckets = getattr(reading.timings, histogram.timing)
+                then = getattr(earlier_timings, histogram.timing) if earlier_timings else None
+                child = self._histograms[histogram.timing].labels(alias)
+                _add_observations(child, buckets.since(then))
         self._written[pool] = (alias, reading)
 
     def _zero_gauges(self, alias: str) -> None:

@@ -68,7 +68,11 @@ def test_a_pool_warning_logged_during_the_request_is_recorded(recording: Any) ->
 
 @pytest.mark.django_db(transaction=True)
 def test_checkouts_of_other_requests_are_not_recorded(recording: Any) -> None:
-    elsewhere = threading.Thread(target=lambda: (Author.objects.count(), connection.close()))
+    def another_request() -> None:
+        Author.objects.count()
+        connection.close()
+
+    elsewhere = threading.Thread(target=another_request)
     elsewhere.start()
     elsewhere.join()
     assert recording.checkouts == []
