@@ -8,7 +8,7 @@ Beside the counters, two histograms with fixed, log-spaced buckets (as
 HikariCP's Micrometer metrics have): how long each checkout took
 (``acquire``: from ``getconn()`` being called to the connection being handed
 out, waits included) and how long each connection was held (``usage``). They
-cost a few hundred nanoseconds per checkout, so they are kept only once
+cost a few hundred nanoseconds per checkout and return, so they are kept only once
 something reads them (:func:`enable_timings`: the Prometheus exporter,
 ``manage.py pgpool --watch``); until then the pool does not even read the clock
 for them.
@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import observers, process
+from . import process
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -142,15 +143,50 @@ def bucket_quantile(counts: Sequence[float], q: float) -> float | None:
 
 
 class Timings:
-    """A pool's acquire-time and usage-time histograms, guarded by the pool's lock."""
+    """A pool's acquire-time and usage-time histograms, guarded by the pool's lock.
 
-    __slots__ = ("acquire", "usage")
+    A checkout takes no lock to be counted: its acquire time is appended to
+    ``acquired`` (a deque: thread-safe without the lock) and sorted into its
+    bucket by the next return, which holds the pool's lock anyway, or by the
+    next reader. So every reader sees every checkout made before it read, and
+    a checkout costs an append.
+    """
+
+    __slots__ = ("acquire", "acquired", "usage")
 
     def __init__(self) -> None:
         self.acquire = Histogram()
         self.usage = Histogram()
+        #: Acquire times (seconds) not yet in ``acquire``.
+        self.acquired: deque[float] = deque()
+
+    def returned_locked(self, held: float) -> None:
+        """A connection was held this long; also counts the pending acquire times. Lock held."""
+        usage = self.usage
+        usage.counts[bisect_left(BUCKETS, held)] += 1
+        usage.sum += held
+        # count_acquired_locked(), inline: this runs on every return.
+        acquired = self.acquired
+        if acquired:
+            acquire = self.acquire
+            counts = acquire.counts
+            while acquired:
+                seconds = acquired.popleft()
+                counts[bisect_left(BUCKETS, seconds)] += 1
+                acquire.sum += seconds
+
+    def count_acquired_locked(self) -> None:
+        """Sort the pending acquire times into their buckets. Lock held."""
+        acquired, acquire = self.acquired, self.acquire
+        counts = acquire.counts
+        while acquired:
+            seconds = acquired.popleft()
+            counts[bisect_left(BUCKETS, seconds)] += 1
+            acquire.sum += seconds
 
     def copy(self) -> Timings:
+        """A copy, every pending acquire time counted. Lock held."""
+        self.count_acquired_locked()
         copy = Timings()
         copy.acquire = self.acquire.copy()
         copy.usage = self.usage.copy()
@@ -200,17 +236,6 @@ class Counters:
         if waited_ms > values["requests_wait_max_ms"]:
             values["requests_wait_max_ms"] = waited_ms
 
-    def record_acquire(self, seconds: float) -> None:
-        """A checkout took this long (timings enabled). Takes the lock."""
-        with self.lock:
-            timings = self.timings
-            if timings is None:
-                if not _timings_enabled:
-                    return
-                # A pool built while enable_timings() went through the others.
-                timings = self.timings = Timings()
-            timings.acquire.observe(seconds)
-
     def closed(self, reason: str) -> None:
         """A server connection was closed for ``reason``. Never call with the lock held."""
         kind = discard_kind(reason)
@@ -257,11 +282,17 @@ def enable_timings() -> None:
             return
         _timings_enabled = True
         for pool in process.live_pools():
-            counters = pool.counters
-            with counters.lock:
-                if counters.timings is None:
-                    counters.timings = Timings()
+            attach_timings(pool.counters)
+        from . import observers  # which imports this module
+
         observers.watch()
+
+
+def attach_timings(counters: Counters) -> None:
+    """Give a pool's counters their histograms (a pool built while timings were switched on)."""
+    with counters.lock:
+        if counters.timings is None:
+            counters.timings = Timings()
 
 
 def timings_enabled() -> bool:

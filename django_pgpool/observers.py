@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import counters
+
 if TYPE_CHECKING:
     from .pool import ConnectionPool
 
@@ -70,11 +72,6 @@ class Checkout:
         self.waiting = len(slots.waiters)
 
 
-def reset_pending(conn: Any) -> bool:
-    """Whether a connection just taken still has its session reset to read (while watching)."""
-    return bool(conn.pool_entry.reset_pending)
-
-
 def checked_out(pool: ConnectionPool, conn: Any, waited: float, reset_pending: Any) -> None:
     """Called by the pool, while :data:`WATCHING`, for each connection it hands out.
 
@@ -82,7 +79,12 @@ def checked_out(pool: ConnectionPool, conn: Any, waited: float, reset_pending: A
     whether the connection's reset was still unread when it was taken. Never
     raises: an observer that fails is logged.
     """
-    pool.counters.record_acquire(waited)
+    timings = pool.counters.timings
+    if timings is not None:
+        # No lock: the next return (which holds it anyway) counts it.
+        timings.acquired.append(waited)
+    elif counters.timings_enabled():
+        counters.attach_timings(pool.counters)
     observers = _observers
     if not observers:
         return

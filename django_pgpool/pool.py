@@ -231,7 +231,8 @@ class ConnectionPool(ThreadedConnectionPool):
                     # already handed to it goes to the next waiter or back.
                     slots.abandon(waiter)
                     raise
-            reset_pending = started and observers.reset_pending(conn)  # before _ready() reads it
+            # Whether its reset is still to be read (before _ready() reads it), for observers.
+            reset_pending = started and conn.pool_entry.reset_pending  # type: ignore[union-attr]
             try:
                 if self._ready(conn, handed_over=waiter is not None):
                     return self._hand_out(
@@ -417,8 +418,9 @@ class ConnectionPool(ThreadedConnectionPool):
                 entry.checkout_id = 0  # no finalizer may take it back now
                 held = now - entry.checked_out_at
                 slots.counters.values["usage_ms"] += held * 1000.0
-                if slots.counters.timings is not None:
-                    slots.counters.timings.usage.observe(held)
+                timings = slots.counters.timings
+                if timings is not None:
+                    timings.returned_locked(held)
                 if entry.key is not None:
                     slots.keyed.pop(entry.key, None)
                     entry.key = None
