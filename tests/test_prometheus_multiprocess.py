@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -56,8 +58,9 @@ def total(samples: list[Sample], name: str, **labels: str) -> float:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("preload", [False, True], ids=["fork-then-load", "preload"])
 def test_one_scrape_counts_the_requests_of_both_gunicorn_workers(
-    library: Library, tmp_path: Path
+    preload: bool, library: Library, tmp_path: Path
 ) -> None:
     multiproc_dir = tmp_path / "prometheus"
     multiproc_dir.mkdir()
@@ -70,11 +73,17 @@ def test_one_scrape_counts_the_requests_of_both_gunicorn_workers(
         TESTPROJECT_POOL='{"max_size": 2, "timeout": 20}',
         PROMETHEUS_MULTIPROC_DIR=str(multiproc_dir),
     )
+    if preload:
+        # The master registers the metrics and queries the database (one
+        # checkout, on a pool of its own) before it forks the workers, which
+        # start writing for themselves.
+        env["TESTPROJECT_QUERY_IN_READY"] = "1"
     args = [
         sys.executable, "-m", "gunicorn", "testproject.wsgi:application",
         "-c", "testproject/gunicorn_prometheus.py",
         "--workers", "2", "--threads", "2", "--bind", f"127.0.0.1:{port}",
         "--timeout", "30", "--graceful-timeout", "5", "--log-level", "warning",
+        *(["--preload"] if preload else []),
     ]  # fmt: skip
     served: Counter[str] = Counter()
     with running(args, env=env, log_path=tmp_path / "gunicorn.log", port=port) as gunicorn:
@@ -88,17 +97,29 @@ def test_one_scrape_counts_the_requests_of_both_gunicorn_workers(
                 break
         assert len(served) == 2, served
         requests = sum(served.values())
+        master_checkouts = 1 if preload else 0
+        processes_with_pools = 3 if preload else 2
 
         # Each worker writes every FLUSH_INTERVAL seconds: wait for both.
         deadline = time.monotonic() + 15
         while True:
             samples = scrape(port)
-            if total(samples, "django_pgpool_requests_total") == requests:
+            if total(samples, "django_pgpool_requests_total") == requests + master_checkouts:
                 break
             assert time.monotonic() < deadline, (requests, samples)
             time.sleep(FLUSH_INTERVAL)
 
+    # Stopped: every process wrote a last time on its way out (its counters stay
+    # in the sums; its live gauges went to zero, or went with child_exit).
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(multiproc_dir))
+    after_exit = [sample for family in registry.collect() for sample in family.samples]
+
     default = {"alias": "default"}
+    requests += master_checkouts
+    assert total(after_exit, "django_pgpool_requests_total", **default) == requests
+    assert total(after_exit, "django_pgpool_connections", **default) == 0
+    assert total(after_exit, "django_pgpool_process_connections_in_use") == 0
     assert total(samples, "django_pgpool_requests_total", **default) == requests
     assert total(samples, "django_pgpool_request_errors_total", **default) == 0
 
@@ -116,7 +137,9 @@ def test_one_scrape_counts_the_requests_of_both_gunicorn_workers(
     assert counts == sorted(counts)
     assert buckets["+Inf"] == requests
     assert total(samples, "django_pgpool_acquire_seconds_count", **default) == requests
-    assert total(samples, "django_pgpool_usage_seconds_count", **default) == requests
+    # The master never gives back the connection it took in ready().
+    returned = requests - master_checkouts
+    assert total(samples, "django_pgpool_usage_seconds_count", **default) == returned
     assert total(samples, "django_pgpool_acquire_seconds_sum", **default) > 0
 
     # Gauges: connections summed over the live workers; in use per worker (pid).
@@ -127,9 +150,9 @@ def test_one_scrape_counts_the_requests_of_both_gunicorn_workers(
         if sample.name == "django_pgpool_process_connections_in_use"
     }
     assert per_process >= worker_pids
-    assert total(samples, "django_pgpool_connections", **default) >= 2
-    assert total(samples, "django_pgpool_max_size", **default) == 2 * 2
-    assert total(samples, "django_pgpool_connections_in_use", **default) == 0
+    assert total(samples, "django_pgpool_connections", **default) >= processes_with_pools
+    assert total(samples, "django_pgpool_max_size", **default) == processes_with_pools * 2
+    assert total(samples, "django_pgpool_connections_in_use", **default) == master_checkouts
 
 
 def _burst(port: int, count: int) -> list[Reply]:
