@@ -431,7 +431,6 @@ class MultiProcessExporter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        _check_histogram_internals(self._histograms["acquire"])
 
     def _metric(self, spec: MetricSpec) -> Counter | Gauge:
         if spec.counter:
@@ -505,8 +504,9 @@ class MultiProcessExporter:
         self._written[pool] = (alias, reading)
 
     def _zero_gauges(self, alias: str) -> None:
-        for gauge in self._gauges.values():
-            if gauge._multiprocess_mode.startswith("live"):
+        for stat, gauge in self._gauges.items():
+            spec = _BY_STAT.get(stat)
+            if spec is None or spec.multiprocess_mode.startswith("live"):
                 gauge.labels(alias).set(0)
         self._process_in_use.labels(alias).set(0)
 
@@ -559,17 +559,6 @@ class MultiProcessExporter:
             self.start()
 
 
-def _check_histogram_internals(histogram: Histogram) -> None:
-    child = histogram.labels("-")
-    buckets = getattr(child, "_buckets", None)
-    if buckets is None or len(buckets) != len(BUCKETS) + 1 or not hasattr(child, "_sum"):
-        raise RuntimeError(
-            "this version of prometheus_client keeps histograms differently than "
-            "django_pgpool expects; please report it with the version installed"
-        )
-    histogram.remove("-")
-
-
 def _add_observations(child: Histogram, delta: Buckets) -> None:
     """Add counted observations to a prometheus_client histogram, bucket by bucket.
 
@@ -578,7 +567,13 @@ def _add_observations(child: Histogram, delta: Buckets) -> None:
     the histogram's per-bucket values directly (non-cumulative there, as
     ``observe()`` keeps them).
     """
-    for value, count in zip(child._buckets, delta.counts, strict=True):
+    values = getattr(child, "_buckets", None)
+    if values is None or len(values) != len(delta.counts) or not hasattr(child, "_sum"):
+        raise RuntimeError(
+            "this version of prometheus_client keeps histograms differently than "
+            "django_pgpool expects; please report it with the version installed"
+        )
+    for value, count in zip(values, delta.counts, strict=True):
         if count:
             value.inc(count)
     if delta.sum:

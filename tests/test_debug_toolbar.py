@@ -98,6 +98,7 @@ def test_without_a_recording_the_pool_has_no_observer_and_the_logger_no_handler(
 
 def chromium() -> tuple[str, str]:
     """The system's Chromium and its WebDriver (Debian: chromium, chromium-driver)."""
+    pytest.importorskip("selenium", reason="selenium (the test extra) drives the browser")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if browser is None or driver is None:

@@ -268,3 +268,25 @@ def test_a_counter_the_pool_gains_later_is_exported_as_a_counter(
     text = generate_latest(registry).decode()
     assert "# TYPE django_pgpool_role_changes_total counter" in text
     assert 'django_pgpool_role_changes_total{alias="default"} 3.0' in text
+
+
+def test_counted_observations_are_added_to_a_prometheus_client_histogram_bucket_by_bucket() -> None:
+    # How the multiprocess exporter hands the pool's histograms to prometheus_client.
+    from prometheus_client import Histogram as ClientHistogram
+
+    from django_pgpool.counters import Histogram
+    from django_pgpool.prometheus import _add_observations
+
+    counted = Histogram()
+    for seconds in (2e-6, 2e-6, 0.003, 42.0, 120.0):
+        counted.observe(seconds)
+    registry = CollectorRegistry()
+    client = ClientHistogram("h_seconds", "h", ["alias"], buckets=BUCKETS, registry=registry)
+    _add_observations(client.labels("default"), counted)
+    assert registry.get_sample_value("h_seconds_bucket", {"alias": "default", "le": "2.5e-06"}) == 2
+    assert registry.get_sample_value("h_seconds_bucket", {"alias": "default", "le": "0.005"}) == 3
+    assert registry.get_sample_value("h_seconds_bucket", {"alias": "default", "le": "50.0"}) == 4
+    assert registry.get_sample_value("h_seconds_count", {"alias": "default"}) == 5
+    assert registry.get_sample_value("h_seconds_sum", {"alias": "default"}) == pytest.approx(
+        162.003004
+    )
