@@ -482,9 +482,12 @@ class MultiProcessExporter:
                 spec = _BY_STAT.get(stat) or _unknown_spec(stat, counter)
                 metric = self._metric(spec)
                 if spec.counter:
+                    # labels() even without a change: the series exists from the
+                    # start, at 0, so that increase() sees its first step.
+                    child = metric.labels(alias)
                     delta = value - (before.values.get(stat, 0) if before is not None else 0)
                     if delta > 0:
-                        metric.labels(alias).inc(delta * spec.scale)
+                        child.inc(delta * spec.scale)
                 elif gauges:
                     assert isinstance(metric, Gauge)
                     metric.labels(alias).set(value * spec.scale)
