@@ -96,6 +96,7 @@ def test_without_a_recording_the_pool_has_no_observer_and_the_logger_no_handler(
 # ---------------------------------------------------------------------- in a browser
 
 
+@pytest.fixture(scope="module")
 def chromium() -> tuple[str, str]:
     """The system's Chromium and its WebDriver (Debian: chromium, chromium-driver)."""
     pytest.importorskip("selenium", reason="selenium (the test extra) drives the browser")
@@ -118,9 +119,9 @@ def library() -> Iterator[Library]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_panel_shows_in_the_toolbar_of_a_real_browser_with_the_wait(
-    library: Library, tmp_path: Path
+    chromium: tuple[str, str], library: Library, tmp_path: Path
 ) -> None:
-    browser, driver_path = chromium()
+    browser, driver_path = chromium
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
