@@ -502,8 +502,8 @@ class MultiProcessExporter:
             for histogram in HISTOGRAMS:
                 buckets = getattr(reading.timings, histogram.timing)
                 then = getattr(earlier_timings, histogram.timing) if earlier_timings else None
-                child = self._histograms[histogram.timing].labels(alias)
-                _add_observations(child, buckets.since(then))
+                observed = self._histograms[histogram.timing].labels(alias)
+                _add_observations(observed, buckets.since(then))
         self._written[pool] = (alias, reading)
 
     def _zero_gauges(self, alias: str) -> None:
