@@ -35,7 +35,7 @@ import psycopg2
 import psycopg2.extensions as ext
 from psycopg2.pool import ThreadedConnectionPool
 
-from . import ownership, process
+from . import observers, ownership, process
 from .counters import Counters
 from .errors import (
     PoolClosed,
@@ -45,6 +45,7 @@ from .errors import (
     timeout_message,
     too_many_requests_message,
 )
+from .observers import WATCHING
 from .pooled_connection import (
     OPEN_TRANSACTION_STATUSES,
     TRANSACTION_IDLE,
@@ -183,6 +184,8 @@ class ConnectionPool(ThreadedConnectionPool):
         only if it was idle longer than ``check_after_idle`` (even with
         ``CONN_HEALTH_CHECKS``); ``None``: the pool's rule.
         """
+        # Timed only while something watches checkouts (observers.WATCHING).
+        started = time.monotonic() if WATCHING else 0.0
         if self._pid != os.getpid():
             self.abandon_after_fork()
             raise PoolClosed(
@@ -232,9 +235,13 @@ class ConnectionPool(ThreadedConnectionPool):
                     # already handed to it goes to the next waiter or back.
                     slots.abandon(waiter)
                     raise
+            # Whether its reset is still to be read (before _ready() reads it), for observers.
+            reset_pending = started and conn.pool_entry.reset_pending  # type: ignore[union-attr]
             try:
                 if self._ready(conn, waiter is not None, check):
-                    return self._hand_out(conn, key, bind_to_thread, keep_if, wait_started)
+                    return self._hand_out(
+                        conn, key, bind_to_thread, keep_if, wait_started, started, reset_pending
+                    )
             except BaseException:
                 # Interrupted (a signal handler, gevent.Timeout) halfway
                 # through a check or reading its reset: the connection's state
@@ -369,6 +376,8 @@ class ConnectionPool(ThreadedConnectionPool):
         bind_to_thread: bool,
         keep_if: Callable[[], bool] | None,
         wait_started: float,
+        started: float,
+        reset_pending: Any,
     ) -> Any:
         entry = conn.pool_entry
         now = time.monotonic()
@@ -386,6 +395,8 @@ class ConnectionPool(ThreadedConnectionPool):
                 if key is not None:
                     self.slots.keyed[key] = conn
                     entry.key = key
+        if started:
+            observers.checked_out(self, conn, now - started, reset_pending)
         return conn
 
     # ------------------------------------------------------------------ return
@@ -413,7 +424,11 @@ class ConnectionPool(ThreadedConnectionPool):
             checked_out = slots.checked_out.pop(id(conn), None) is not None
             if checked_out:
                 entry.checkout_id = 0  # no finalizer may take it back now
-                slots.counters.values["usage_ms"] += (now - entry.checked_out_at) * 1000.0
+                held = now - entry.checked_out_at
+                slots.counters.values["usage_ms"] += held * 1000.0
+                timings = slots.counters.timings
+                if timings is not None:
+                    timings.returned_locked(held)
                 if entry.key is not None:
                     slots.keyed.pop(entry.key, None)
                     entry.key = None

@@ -524,7 +524,7 @@ class Connector:
 
     def close(self, conn: Any, reason: str) -> None:
         """Close the server connection (the caller frees its slot)."""
-        self.counters.add("connections_closed")
+        self.counters.closed(reason)
         logger.debug("pool %r: closing a connection: %s", self.name, reason)
         with suppress(Exception):  # close() of a broken connection may complain
             conn.close()

@@ -22,7 +22,12 @@ connection strategies:
 - ``TESTPROJECT_DISABLE_SERVER_SIDE_CURSORS=1``: ``DISABLE_SERVER_SIDE_CURSORS``
   (PgBouncer in transaction mode);
 - ``TESTPROJECT_REPLICA_ROUTER=1``: reads go to the ``replica`` alias, writes
-  to ``default`` (:mod:`testproject.routers`).
+  to ``default`` (:mod:`testproject.routers`);
+- ``TESTPROJECT_PROMETHEUS=<seconds>``: the pools' Prometheus metrics on
+  ``/metrics`` (:mod:`testproject.metrics`; in multiprocess mode, written every
+  that many seconds);
+- ``TESTPROJECT_DEBUG_TOOLBAR=1``: ``DEBUG`` on, with django-debug-toolbar and
+  django_pgpool's panel (for requests from 127.0.0.1).
 """
 
 import json
@@ -131,3 +136,15 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"django_pgpool": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+if os.environ.get("TESTPROJECT_DEBUG_TOOLBAR"):
+    from debug_toolbar.settings import PANELS_DEFAULTS
+
+    DEBUG = True
+    INTERNAL_IPS = ["127.0.0.1"]
+    INSTALLED_APPS.append("debug_toolbar")
+    MIDDLEWARE.insert(0, "debug_toolbar.middleware.DebugToolbarMiddleware")
+    DEBUG_TOOLBAR_PANELS = [*PANELS_DEFAULTS, "django_pgpool.debug_toolbar.PoolPanel"]
+    # The toolbar refuses to run under a test runner; this server only runs
+    # beside one (the browser test starts it).
+    DEBUG_TOOLBAR_CONFIG = {"IS_RUNNING_TESTS": False}

@@ -9,7 +9,12 @@ import pytest
 
 from django_pgpool import checks
 from django_pgpool.config import OPTIONS, PoolConfig, options_table
-from django_pgpool.prometheus import METRICS
+from django_pgpool.prometheus import (
+    DISCARDS_NAME,
+    HISTOGRAMS,
+    METRICS,
+    PROCESS_IN_USE_NAME,
+)
 
 from .helpers import REPO, run_python
 
@@ -80,14 +85,23 @@ def test_every_statistic_is_documented() -> None:
 
 def test_every_prometheus_metric_is_documented_with_its_statistic_and_type() -> None:
     rows = table(section(CONFIGURATION, "Prometheus metrics"))
-    documented = {row[0].strip("`"): (row[1], row[2].split("`")[1]) for row in rows}
+    documented = {row[0].strip("`"): (row[1], row[2].split("`")[1], row[3]) for row in rows}
     expected = {
         (f"{spec.name}_total" if spec.counter else spec.name): (
             "counter" if spec.counter else "gauge",
             spec.stat,
+            "summed" if spec.counter else f"`{spec.multiprocess_mode}`",
         )
         for spec in METRICS
     }
+    for histogram in HISTOGRAMS:
+        expected[histogram.name] = ("histogram", histogram.timing, "summed")
+    expected[f"{DISCARDS_NAME}_total"] = ("counter", "discards", "summed")
+    expected[PROCESS_IN_USE_NAME] = (
+        "gauge",
+        "pool_in_use",
+        "`liveall`; multiprocess mode only",
+    )
     assert documented == expected
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from io import StringIO
 from typing import Any
@@ -22,7 +23,7 @@ import django_pgpool
 from testproject.library.models import Author
 
 from .aliases import temporary_alias
-from .helpers import REPO, backends, query_one
+from .helpers import REPO, backends, eventually, query_one
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -331,3 +332,55 @@ def test_pgpool_check_names_a_misspelt_connection_option_instead_of_blaming_the_
     assert "DATABASES['typo']['OPTIONS'] has 'sslmod'" in message
     assert "Did you mean 'sslmode'?" in message
     assert "HOST, PORT, NAME, USER and PASSWORD" not in message
+
+
+def watch_blocks(output: str) -> list[list[str]]:
+    """The refreshes of ``pgpool --watch``, each as its lines."""
+    blocks: list[list[str]] = []
+    for line in output.splitlines():
+        if line.startswith("django_pgpool  process "):
+            blocks.append([])
+        blocks[-1].append(line)
+    return blocks
+
+
+def test_pgpool_watch_refreshes_the_pools_rates_and_acquire_percentiles(
+    fresh_pools: None,
+) -> None:
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            Author.objects.count()
+            connection.close()
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        assert eventually(lambda: "default" in django_pgpool.stats())
+        output = pgpool("--watch", "--count", "3", "--interval", "0.3", "--server")
+    finally:
+        stop.set()
+        worker.join()
+    blocks = watch_blocks(output)
+    assert len(blocks) == 3, output
+    for block in blocks:
+        assert block[0].endswith("every 0.3 s")
+        assert block[1].split("  ")[0] == "alias" and "acquire p99" in block[1]
+        rows = {line.split()[0]: line.split() for line in block[2:4]}
+        # alias, in use, idle, waiting, requests/s, resets/s, p50 ms, p99 ms
+        default = rows["default"]
+        assert float(default[4]) > 10 and float(default[5]) > 10, block
+        p50, p99 = float(default[6]), float(default[8])
+        assert default[7] == default[9] == "ms" and 0 < p50 <= p99 < 1000, block
+        assert rows["replica"][1:] == ["-"] * 7  # not built in this process
+        server = block[block.index(next(line for line in block if line.startswith("server: ")))]
+        assert server.endswith(f"/{connection.settings_dict['NAME']} (pg_stat_activity)")
+        assert any(line.split()[-1].isdigit() for line in block[block.index(server) + 2 :])
+        assert "django_pgpool watch" not in "\n".join(block)  # the watcher's own connection
+
+
+def test_pgpool_watch_refuses_what_it_cannot_do() -> None:
+    assert "--interval must be" in str(pgpool_error("--watch", "--interval", "0"))
+    assert "--count must be" in str(pgpool_error("--watch", "--count", "0"))
+    assert "--watch prints a table" in str(pgpool_error("--watch", "--json"))

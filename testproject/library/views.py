@@ -4,6 +4,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 from django.db.models import F
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.html import format_html, format_html_join
 from django.views.decorators.csrf import csrf_exempt
 
 from .models import Book, Order
@@ -26,6 +27,21 @@ def health(request: HttpRequest) -> HttpResponse:
 def book_list(request: HttpRequest) -> JsonResponse:
     books = Book.objects.select_related("author").order_by("pk")[:20]
     return JsonResponse({"books": [_book_json(book) for book in books]})
+
+
+def book_page(request: HttpRequest) -> HttpResponse:
+    """The books as an HTML page (where django-debug-toolbar shows itself)."""
+    books = Book.objects.select_related("author").order_by("pk")[:20]
+    items = format_html_join(
+        "\n", "<li>{} by {}</li>", ((book.title, book.author.name) for book in books)
+    )
+    return HttpResponse(
+        format_html(
+            "<!DOCTYPE html><html><head><title>Books</title></head>"
+            "<body><h1>Books</h1><ul>{}</ul></body></html>",
+            items,
+        )
+    )
 
 
 def book_detail(request: HttpRequest, pk: int) -> JsonResponse:

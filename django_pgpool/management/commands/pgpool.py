@@ -8,6 +8,13 @@
     each pool and waits for its ``min_size`` connections (a warm-up that
     fails when the database can't be reached), then shows them.
 
+``manage.py pgpool --watch [--interval SECONDS] [--count N] [--server]``
+    The same pools refreshed every interval (1 s), like ``top``: in use,
+    idle, waiting, requests and resets per second, acquire time p50 and p99
+    over the interval; with ``--server``, the server's connections to each
+    database from ``pg_stat_activity``, by ``application_name``. Runs until
+    interrupted, or for ``--count`` refreshes.
+
 ``manage.py pgpool check [--database ALIAS] [--processes N] [--json]``
     Runs a query through the alias's pool and reports the server's
     ``max_connections``, reserved slots and connections in use, and whether
@@ -43,8 +50,9 @@ from django.db import Error as DjangoDatabaseError
 from django.db import connections
 
 import django_pgpool
-from django_pgpool import capacity
+from django_pgpool import capacity, registry, watch
 from django_pgpool.config import parse_pool_options, pool_is_enabled
+from django_pgpool.counters import enable_timings
 
 #: Exit status when the database can't be reached (1 is a misfit or bad settings).
 UNREACHABLE = 2
@@ -168,6 +176,30 @@ class Command(BaseCommand):
             help="How long to wait for the database (default: 10).",
         )
         parser.add_argument("--json", action="store_true", help="Output JSON.")
+        parser.add_argument(
+            "--watch",
+            action="store_true",
+            help="show: refresh every --interval like top (rates and acquire percentiles "
+            "over each interval) until interrupted.",
+        )
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=1.0,
+            metavar="SECONDS",
+            help="--watch: seconds between refreshes (default: 1).",
+        )
+        parser.add_argument(
+            "--count",
+            type=int,
+            metavar="N",
+            help="--watch: stop after N refreshes (default: until interrupted).",
+        )
+        parser.add_argument(
+            "--server",
+            action="store_true",
+            help="--watch: also the server's connections (pg_stat_activity) by application_name.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["timeout"] <= 0:
@@ -176,6 +208,8 @@ class Command(BaseCommand):
             self._check(options)
         elif options["action"] == "size":
             self._size(options)
+        elif options["watch"]:
+            self._watch(options)
         else:
             self._show(options)
 
@@ -279,6 +313,50 @@ class Command(BaseCommand):
         for alias, entry in entries.items():
             if "error" in entry:
                 self.stderr.write(f"{alias}: {entry['error']}")
+
+    # ------------------------------------------------------------------ watch
+
+    def _watch(self, options: dict[str, Any]) -> None:
+        interval, count = options["interval"], options["count"]
+        if interval <= 0:
+            raise CommandError("--interval must be a number of seconds > 0.")
+        if count is not None and count < 1:
+            raise CommandError("--count must be a whole number >= 1.")
+        if options["json"]:
+            raise CommandError("--watch prints a table; use 'pgpool --json' for one reading.")
+        aliases = self._pooled_aliases(options["database"])
+        if options["open"]:
+            for alias in aliases:
+                django_pgpool.get_pool(alias).open(wait=True, timeout=options["timeout"])
+        enable_timings()  # the acquire percentiles come from the histogram
+        server = _ServerView(aliases) if options["server"] else None
+        clear = "\x1b[H\x1b[2J" if self.stdout.isatty() else ""
+        before = watch.take(registry.pools())
+        next_at = before.at
+        refreshes = 0
+        try:
+            while count is None or refreshes < count:
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                after = watch.take(registry.pools())
+                # On a terminal each refresh replaces the last; elsewhere they follow.
+                separator = clear or ("\n" if refreshes else "")
+                lines = [
+                    f"{separator}django_pgpool  process {os.getpid()}  "
+                    f"{time.strftime('%H:%M:%S')}  every {interval:g} s",
+                    *watch.table(watch.POOL_COLUMNS, watch.pool_rows(before, after, aliases)),
+                ]
+                if server is not None:
+                    lines += server.lines()
+                self.stdout.write("\n".join(lines) + "\n")
+                self.stdout.flush()
+                before = after
+                refreshes += 1
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if server is not None:
+                server.close()
 
     # ------------------------------------------------------------------ check
 
@@ -546,3 +624,42 @@ class Command(BaseCommand):
                 f"processes, all machines together."
             )
         self.stdout.write("\n".join(lines))
+
+
+class _ServerView:
+    """What the server sees of each database the aliases use, over a connection of its own.
+
+    Not from the pool (it would count itself), and tagged so it leaves itself out.
+    """
+
+    def __init__(self, aliases: list[str]) -> None:
+        self.wrappers: dict[str, Any] = {}
+        for alias in aliases:
+            settings_dict = connections[alias].settings_dict
+            database = capacity.describe_database(settings_dict)
+            if database in self.wrappers:
+                continue
+            options = {
+                **settings_dict["OPTIONS"],
+                "pool": False,
+                "application_name": "django_pgpool watch",
+            }
+            wrapper = type(connections[alias])({**settings_dict, "OPTIONS": options}, alias)
+            self.wrappers[database] = wrapper
+
+    def lines(self) -> list[str]:
+        lines = []
+        for database, wrapper in self.wrappers.items():
+            lines.append(f"server: {database} (pg_stat_activity)")
+            try:
+                with wrapper.cursor() as cursor:
+                    rows = watch.server_rows(cursor, wrapper.settings_dict["NAME"])
+            except (psycopg2.Error, DjangoDatabaseError) as exc:
+                lines.append(f"  unreachable: {_first_line(exc)}")
+                continue
+            lines += ["  " + line for line in watch.table(watch.SERVER_COLUMNS, rows)]
+        return lines
+
+    def close(self) -> None:
+        for wrapper in self.wrappers.values():
+            wrapper.close()
