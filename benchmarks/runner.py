@@ -364,5 +364,18 @@ def main(argv: list[str]) -> int:
     for line in result["targets"]:
         print(f"  {line}")
     print(f"\nraw results: {config.out / 'results.json'}, chart: {config.out / 'results.png'}")
-    failed = sum(row["failed"] for row in result["medians"] if row["strategy"].startswith("pgpool"))
+    failed = sum(row["failed"] for row in result["medians"] if _must_not_fail(row))
     return 1 if failed else 0
+
+
+def _must_not_fail(row: dict[str, Any]) -> bool:
+    """Whether a failure in this row is django_pgpool's (the exit status says so).
+
+    Under ASGI, the overload cell's pool is smaller than the event loop's
+    executor: in the request mode, executor threads keep their connections and
+    the rest wait out the timeout. That cell is there to show it.
+    """
+    if not row["strategy"].startswith("pgpool"):
+        return False
+    starved = row["mode"] == "asgi" and row["threads"] == OVERLOAD_THREADS
+    return not starved or row["strategy"] == "pgpool-transaction"
