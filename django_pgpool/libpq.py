@@ -1,10 +1,14 @@
-"""Sending a query without waiting for its answer, on a psycopg2 connection.
+"""Sending a query without waiting for its answer, and reading the answer with a
+deadline, on a psycopg2 connection.
 
-psycopg2 runs every statement to completion: send, then wait for the answer.
-The pool's session reset has no answer anyone waits for, so it is sent when a
-connection is returned and its answer read when the connection is next taken
-(by then it has long arrived): the reset costs no round trip of its own.
-psycopg2 has no API for that, but it gives the address of each connection's
+psycopg2 runs every statement to completion: send, then wait for the answer,
+for as long as it takes. The pool needs two other ways. Its session reset has
+no answer anyone waits for, so it is sent when a connection is returned and
+its answer read when the connection is next taken (by then it has long
+arrived): the reset costs no round trip of its own. And its liveness checks
+must give up on a server that stopped answering, so their answers are read
+with a deadline (several connections' at once, sharing one).
+psycopg2 has no API for either, but it gives the address of each connection's
 libpq ``PGconn`` (``connection.pgconn_ptr``), and this module calls, with
 ``ctypes``, the functions of the very libpq psycopg2 is linked against (looked
 up through psycopg2's own extension module, so a second libpq loaded in the
@@ -103,13 +107,15 @@ def send(conn: Any, sql: bytes) -> bool:
     return bool(libpq.flush(pgconn) >= 0)
 
 
-def finish(conn: Any, timeout: float) -> str:
-    """Read the answer to what :func:`send` sent; "" if it succeeded, else why not.
+def finish(conn: Any, timeout: float, what: str = "the reset") -> tuple[str, bool]:
+    """Read the answer to what :func:`send` sent: ("", True) if it succeeded, else
+    (why not, whether the server answered, with an error, rather than went away).
 
     Normally the answer is already there and this costs no wait. Waits are
     made with ``select.poll`` (cooperative under gevent) and bounded by
     ``timeout`` seconds: a server that stopped answering costs this one
-    connection, never a thread stuck for good.
+    connection, never a thread stuck for good. An answer already received is
+    read even when ``timeout`` is 0. ``what`` names the statement in messages.
     """
     libpq = _libpq
     assert libpq is not None
@@ -117,16 +123,16 @@ def finish(conn: Any, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while (flushed := libpq.flush(pgconn)) == 1:
         if not _wait(libpq.socket(pgconn), select.POLLOUT, deadline):
-            return f"the server did not take the reset within {timeout:g} s"
+            return f"the server did not take {what} within {timeout:g} s", False
     if flushed < 0:
-        return _connection_error(libpq, pgconn)
+        return _connection_error(libpq, pgconn), False
     failure = ""
     while True:
         while libpq.is_busy(pgconn):
             if not libpq.consume_input(pgconn):
-                return _connection_error(libpq, pgconn)
+                return _connection_error(libpq, pgconn), False
             if libpq.is_busy(pgconn) and not _wait(libpq.socket(pgconn), select.POLLIN, deadline):
-                return f"the server did not answer the reset within {timeout:g} s"
+                return f"the server did not answer {what} within {timeout:g} s", False
         result = libpq.get_result(pgconn)
         if not result:
             break
@@ -136,13 +142,20 @@ def finish(conn: Any, timeout: float) -> str:
     # Notifications that arrived meanwhile were for the previous user.
     while notify := libpq.notifies(pgconn):
         libpq.free(notify)
-    if failure:
-        return failure
     if libpq.status(pgconn) != _CONNECTION_OK:
-        return _connection_error(libpq, pgconn)
+        return _connection_error(libpq, pgconn), False
+    if failure:
+        return failure, True
     if libpq.transaction_status(pgconn) != _PQTRANS_IDLE:
-        return "the reset left a transaction open"
-    return ""
+        return f"{what} left a transaction open", True
+    return "", True
+
+
+def connection_ok(conn: Any) -> bool:
+    """Whether libpq still considers the connection usable (no round trip)."""
+    libpq = _libpq
+    assert libpq is not None
+    return bool(libpq.status(conn.pgconn_ptr) == _CONNECTION_OK)
 
 
 def _connection_error(libpq: _Libpq, pgconn: int) -> str:

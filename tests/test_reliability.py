@@ -248,6 +248,7 @@ def test_an_outage_longer_than_the_timeout_says_the_database_is_unreachable(
     pool = ConnectionPool(
         PoolConfig(name="down", min_size=0, timeout=0.5), cluster.settings.connect_kwargs()
     )
+    pool.putconn(pool.getconn())
     cluster.stop()
     try:
         with pytest.raises(PoolTimeout) as caught:
