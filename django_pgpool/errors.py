@@ -80,12 +80,12 @@ def requests(count: int, *, were: bool = False) -> str:
 
 
 def unreachable_message(pool_name: str, unreachable: str, unreachable_for: float) -> str:
-    """Why a request fails at once while an outage outlasts the pool's timeout."""
+    """Why a request fails at once once a request has waited out the outage in vain."""
     return (
         f"pool {pool_name!r}: the database could not be reached for the last "
-        f"{unreachable_for:.1f} s (last error: {unreachable}), longer than the pool's timeout, "
-        f"so requests fail at once until it can be reached again; the pool keeps trying to "
-        f"reconnect in the background."
+        f"{unreachable_for:.1f} s (last error: {unreachable}). A request already waited the "
+        f"pool's whole timeout for it, so requests fail at once until it can be reached "
+        f"again; the pool keeps trying to reconnect in the background."
     )
 
 

@@ -254,21 +254,20 @@ class ConnectionPool(ThreadedConnectionPool):
             self._discard_checked_out(conn, "it failed its check")
 
     def _refuse_if_unreachable_locked(self) -> None:
-        """Fail a request at once while an outage outlasts the pool's timeout. Lock held.
+        """Fail a request at once while the pool knows the database is down. Lock held.
 
-        Once the database could not be reached for longer than ``timeout``
-        and no connection is in use (none can come back), waiting helps
-        nobody: a request that already failed would wait again for each query
-        (Django's error page makes several), and new ones pile up. They fail
-        at once until the worker gets a connection through.
+        It knows once a request has waited its whole timeout in vain during
+        the outage. If no connection is in use either (none can come back),
+        waiting again helps nobody: the request that already failed would
+        wait once more for each query (Django's error page makes several),
+        and new ones pile up. They fail at once until the worker gets a
+        connection through.
         """
         outage = self.outage
         error = outage.error
-        if error is None or self.slots.checked_out or self.slots.resetting:
+        if error is None or not outage.waited_out or self.slots.checked_out or self.slots.resetting:
             return
         unreachable_for = time.monotonic() - outage.since
-        if unreachable_for < self.config.timeout:
-            return
         self.counters.values["requests_errors"] += 1
         raise PoolTimeout(
             unreachable_message(self.name, exception_summary(error), unreachable_for),
@@ -394,6 +393,8 @@ class ConnectionPool(ThreadedConnectionPool):
             holders = ownership.holders(slots.checked_out.values())
             opening = slots.opening
         unreachable = self.outage.error
+        if unreachable is not None:
+            self.outage.waited_out = True
         message = timeout_message(
             self.name,
             waited_for,

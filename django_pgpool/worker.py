@@ -89,7 +89,7 @@ class Outage:
     the error at once). Either way the worker retries with backoff.
     """
 
-    __slots__ = ("backoff", "error", "failing", "lock", "retry_at", "since")
+    __slots__ = ("backoff", "error", "failing", "lock", "retry_at", "since", "waited_out")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -97,6 +97,9 @@ class Outage:
         self.error: BaseException | None = None
         #: Whether connections have failed since the last one got through.
         self.failing = False
+        #: Whether a request has waited its whole timeout in vain during this
+        #: outage: the pool then knows the server is down, and says so at once.
+        self.waited_out = False
         self.since = 0.0
         self.backoff = 0.0
         self.retry_at = 0.0
@@ -124,7 +127,7 @@ class Outage:
         with self.lock:
             if not self.failing:
                 return None
-            self.failing = False
+            self.failing = self.waited_out = False
             self.backoff = self.retry_at = 0.0
             if self.error is None:
                 return None
