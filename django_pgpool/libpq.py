@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 #: libpq's ExecStatusType values that mean success (PGRES_EMPTY_QUERY,
@@ -33,6 +34,13 @@ from typing import Any
 _RESULT_OK = frozenset((0, 1, 2))
 _CONNECTION_OK = 0
 _PQTRANS_IDLE = 0
+# PQresultErrorField codes: the severity, untranslated (PostgreSQL 9.6+), and
+# as the server's language says it.
+_PG_DIAG_SEVERITY_NONLOCALIZED = ord("V")
+_PG_DIAG_SEVERITY = ord("S")
+
+#: libpq's PQnoticeReceiver: void (*)(void *arg, const PGresult *res).
+_NoticeReceiver = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 
 
 class _Libpq:
@@ -62,6 +70,12 @@ class _Libpq:
         self.free = bind("PQfreemem", None, ctypes.c_void_p)
         self.socket = bind("PQsocket", ctypes.c_int, pgconn)
         self.lib_version = bind("PQlibVersion", ctypes.c_int)
+        self.result_error_field = bind(
+            "PQresultErrorField", ctypes.c_char_p, pgresult, ctypes.c_int
+        )
+        self.set_notice_receiver = bind(
+            "PQsetNoticeReceiver", _NoticeReceiver, pgconn, _NoticeReceiver, ctypes.c_void_p
+        )
 
 
 _libpq: _Libpq | None = None
@@ -151,11 +165,40 @@ def finish(conn: Any, timeout: float, what: str = "the reset") -> tuple[str, boo
     return "", True
 
 
-def connection_ok(conn: Any) -> bool:
-    """Whether libpq still considers the connection usable (no round trip)."""
+def on_session_end(conn: Any, callback: Callable[[], None]) -> Any:
+    """Call ``callback()`` when the server announces that it ends the session.
+
+    A server ending an idle session (``pg_terminate_backend()``, a shutdown,
+    ``idle_session_timeout``) first sends a FATAL message, then closes the
+    socket. libpq hands such a message, arriving between statements, to the
+    notice processor (psycopg2's, which keeps it to itself until the next
+    statement). When :func:`finish` reads a reset's answer it may read that
+    message too, leaving nothing on the socket to tell that the session is
+    over until the server's process has exited. This puts a notice receiver
+    in front of psycopg2's that calls ``callback`` for a FATAL (or PANIC)
+    message and passes every message on. The returned object must be kept
+    as long as the connection.
+    """
     libpq = _libpq
     assert libpq is not None
-    return bool(libpq.status(conn.pgconn_ptr) == _CONNECTION_OK)
+    passed_on: list[Any] = []
+
+    def receive(arg: int | None, result: int | None) -> None:
+        try:
+            if passed_on[0]:
+                passed_on[0](arg, result)
+        finally:
+            severity = libpq.result_error_field(
+                result, _PG_DIAG_SEVERITY_NONLOCALIZED
+            ) or libpq.result_error_field(result, _PG_DIAG_SEVERITY)
+            if severity in (b"FATAL", b"PANIC"):
+                callback()
+
+    receiver = _NoticeReceiver(receive)
+    # libpq's default receiver, which hands the message to the notice
+    # processor (psycopg2's); it takes no argument of its own.
+    passed_on.append(libpq.set_notice_receiver(conn.pgconn_ptr, receiver, None))
+    return receiver
 
 
 def _connection_error(libpq: _Libpq, pgconn: int) -> str:

@@ -77,10 +77,12 @@ class Entry:
         "last_used",
         "leak_reported",
         "lease",
+        "notice_receiver",
         "origin",
         "poller",
         "pool",
         "reset_pending",
+        "session_ended",
     )
 
     def __init__(self, pool: ConnectionPool, conn: Any, lifetime: float | None) -> None:
@@ -118,6 +120,15 @@ class Entry:
         self.generation = pool.generation
         self.cursor_factory = conn.cursor_factory
         self.poller = _make_poller(conn)
+        #: Set when the server announced the end of the session (a FATAL
+        #: message between statements), maybe before closing its socket.
+        self.session_ended = False
+        self.notice_receiver: Any = (
+            libpq.on_session_end(conn, self.note_session_end) if libpq.available() else None
+        )
+
+    def note_session_end(self) -> None:
+        self.session_ended = True
 
     def socket_has_data(self) -> bool:
         """Whether the server sent something to a connection nobody is using.
@@ -550,6 +561,10 @@ class Connector:
         entry = conn.pool_entry
         entry.reset_pending = False
         failure, answered = libpq.finish(conn, timeout)
+        if not failure and entry.session_ended:
+            # Its FATAL message came with the answer; the socket may not
+            # show it yet.
+            failure, answered = "the server ended the session", False
         if not failure:
             return True
         self._reset_failed(failure.splitlines()[0], answered)
