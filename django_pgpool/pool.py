@@ -48,6 +48,7 @@ from .errors import (
 )
 from .pooled_connection import (
     OPEN_TRANSACTION_STATUSES,
+    RESET_LOST,
     TRANSACTION_IDLE,
     UNUSABLE_STATUSES,
     Connector,
@@ -304,7 +305,9 @@ class ConnectionPool(ThreadedConnectionPool):
         taken from the idle stack is checked as its idle time requires.
         """
         entry = conn.pool_entry
-        if entry.reset_pending and not self.connector.finish_reset(conn):
+        if entry.reset_pending and (failed := self.connector.finish_reset(conn)):
+            if failed == RESET_LOST:
+                self._suspect_the_idle()
             return False
         if handed_over:
             return True
@@ -342,11 +345,15 @@ class ConnectionPool(ThreadedConnectionPool):
         """A round-trip check; a failure makes every idle connection suspect."""
         if self.connector.check(conn) is None:
             return True
+        self._suspect_the_idle()
+        return False
+
+    def _suspect_the_idle(self) -> None:
+        """A connection was found dead: check the others that sat idle beside it."""
         # Whatever killed this one (a restart, pg_terminate_backend, a network
         # cut) probably hit the others that sat idle beside it.
         self._suspect_before = time.monotonic()
         self._submit(self._check_suspects)
-        return False
 
     def _check_suspects(self) -> None:
         """Worker task: after a dead connection was found, check the others that sat idle."""

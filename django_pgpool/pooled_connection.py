@@ -50,6 +50,11 @@ RESET_SQL = (
 #: random, so that connections opened together don't all expire together.
 LIFETIME_JITTER = 0.05
 
+#: What :meth:`Connector.finish_reset` says of a reset that failed: the server
+#: refused it (the connection works), or the connection is lost.
+RESET_REFUSED = "refused"
+RESET_LOST = "lost"
+
 TRANSACTION_IDLE = ext.TRANSACTION_STATUS_IDLE
 #: In the middle of a query, or the server connection is lost.
 UNUSABLE_STATUSES = frozenset((ext.TRANSACTION_STATUS_ACTIVE, ext.TRANSACTION_STATUS_UNKNOWN))
@@ -414,13 +419,16 @@ class Connector:
         deadline = time.monotonic() + network.CHECK_TIMEOUT
         errors: list[BaseException | None] = [None] * len(conns)
         sent: list[int] = []
+        lost_at_reset: set[int] = set()  # counted as lost by finish_reset()
         for index, conn in enumerate(conns):
             if conn.closed:
                 errors[index] = psycopg2.InterfaceError("connection already closed")
-            elif conn.pool_entry.reset_pending and not self.finish_reset(
-                conn, max(0.0, deadline - time.monotonic())
+            elif conn.pool_entry.reset_pending and (
+                failed := self.finish_reset(conn, max(0.0, deadline - time.monotonic()))
             ):
                 errors[index] = psycopg2.OperationalError("its reset failed")
+                if failed == RESET_LOST:
+                    lost_at_reset.add(index)
             elif self.config.check is not None or not libpq.available():
                 errors[index] = self._check_with_psycopg2(conn)
             elif libpq.send(conn, b"SELECT 1"):
@@ -433,7 +441,7 @@ class Connector:
             if failure:
                 errors[index] = psycopg2.OperationalError(failure)
         now = time.monotonic()
-        for conn, error in zip(conns, errors, strict=True):
+        for index, (conn, error) in enumerate(zip(conns, errors, strict=True)):
             if error is None:
                 conn.pool_entry.checked_at = now
                 if not keepalive:
@@ -441,7 +449,8 @@ class Connector:
                 continue
             with self.counters.lock:
                 self.counters.values["checks_failed"] += 1
-                self.counters.values["connections_lost"] += 1
+                if index not in lost_at_reset:
+                    self.counters.values["connections_lost"] += 1
             logger.info(
                 "pool %r: discarding a connection that failed its check (%s)",
                 self.name,
@@ -551,12 +560,15 @@ class Connector:
         entry.dirty = False
         return True
 
-    def finish_reset(self, conn: Any, timeout: float = network.RESET_ANSWER_TIMEOUT) -> bool:
-        """Read the answer to the reset :meth:`begin_reset` sent; False if it failed.
+    def finish_reset(self, conn: Any, timeout: float = network.RESET_ANSWER_TIMEOUT) -> str:
+        """Read the answer to the reset :meth:`begin_reset` sent.
 
-        Called before anything else uses the connection. The answer has
-        normally long arrived; a server that does not answer within
-        ``timeout`` seconds costs this connection, not the pool.
+        Returns "" if the reset succeeded; else :data:`RESET_REFUSED` (the
+        server answered with an error) or :data:`RESET_LOST` (the connection
+        is gone, or silent). Called before anything else uses the
+        connection. The answer has normally long arrived; a server that does
+        not answer within ``timeout`` seconds costs this connection, not the
+        pool.
         """
         entry = conn.pool_entry
         entry.reset_pending = False
@@ -566,9 +578,12 @@ class Connector:
             # show it yet.
             failure, answered = "the server ended the session", False
         if not failure:
-            return True
+            return ""
         self._reset_failed(failure.splitlines()[0], answered)
-        return False
+        if answered:
+            return RESET_REFUSED
+        self.counters.add("connections_lost")
+        return RESET_LOST
 
     def _reset_failed(self, why: str, by_the_server: bool) -> None:
         """Count a reset that failed, and say so.

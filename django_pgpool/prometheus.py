@@ -148,7 +148,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "connections_lost",
         "django_pgpool_connections_lost",
-        "Connections found dead by a check.",
+        "Connections found dead (by a check, or reading their reset's answer).",
         counter=True,
     ),
     MetricSpec(
