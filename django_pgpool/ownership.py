@@ -131,6 +131,7 @@ _DOING = {
     psycopg2.extensions.TRANSACTION_STATUS_ACTIVE: "running a query",
     psycopg2.extensions.TRANSACTION_STATUS_INTRANS: "in a transaction",
     psycopg2.extensions.TRANSACTION_STATUS_INERROR: "in a failed transaction",
+    psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN: "with its server connection lost",
 }
 
 
@@ -138,7 +139,8 @@ def holders(connections: Iterable[Any]) -> list[tuple[str, float, str]]:
     """(thread name, seconds held, what it is doing) for checked-out connections, longest first.
 
     What it is doing: "idle" (between statements), "running a query",
-    "in a transaction" or "in a failed transaction".
+    "in a transaction", "in a failed transaction" or "with its server
+    connection lost".
     """
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     now = time.monotonic()
