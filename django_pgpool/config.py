@@ -43,6 +43,7 @@ class PoolConfig:
     max_lifetime: float | None = 3600.0
     max_idle: float | None = 600.0
     check_after_idle: float = 0.5
+    keepalive_time: float | None = 60.0
     reset: ResetPolicy = True
     check: Callable[[Any], None] | None = None
     configure: Callable[[Any], None] | None = None
@@ -195,6 +196,16 @@ OPTIONS: tuple[Option, ...] = (
         "before it is handed out; a fresher one only gets a local socket check. `0`: check "
         "every time.",
         "seconds",
+    ),
+    Option(
+        "keepalive_time",
+        60.0,
+        "seconds",
+        "An idle connection that has not heard from the server for this long is checked in "
+        "the background (`SELECT 1`): it stays alive through NATs and firewalls that drop "
+        "quiet connections, and a dead one is found before a request finds it. `None`: off.",
+        "optional seconds",
+        minimum_is_exclusive=True,
     ),
     Option(
         "reset",

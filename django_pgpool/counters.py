@@ -46,6 +46,7 @@ COUNTERS = (
     "connections_expired",
     "connections_reclaimed",
     "resets_num",
+    "resets_failed",
     "checks_num",
     "checks_failed",
     "leaks_detected",

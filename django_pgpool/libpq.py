@@ -1,10 +1,14 @@
-"""Sending a query without waiting for its answer, on a psycopg2 connection.
+"""Sending a query without waiting for its answer, and reading the answer with a
+deadline, on a psycopg2 connection.
 
-psycopg2 runs every statement to completion: send, then wait for the answer.
-The pool's session reset has no answer anyone waits for, so it is sent when a
-connection is returned and its answer read when the connection is next taken
-(by then it has long arrived): the reset costs no round trip of its own.
-psycopg2 has no API for that, but it gives the address of each connection's
+psycopg2 runs every statement to completion: send, then wait for the answer,
+for as long as it takes. The pool needs two other ways. Its session reset has
+no answer anyone waits for, so it is sent when a connection is returned and
+its answer read when the connection is next taken (by then it has long
+arrived): the reset costs no round trip of its own. And its liveness checks
+must give up on a server that stopped answering, so their answers are read
+with a deadline (several connections' at once, sharing one).
+psycopg2 has no API for either, but it gives the address of each connection's
 libpq ``PGconn`` (``connection.pgconn_ptr``), and this module calls, with
 ``ctypes``, the functions of the very libpq psycopg2 is linked against (looked
 up through psycopg2's own extension module, so a second libpq loaded in the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 #: libpq's ExecStatusType values that mean success (PGRES_EMPTY_QUERY,
@@ -29,6 +34,13 @@ from typing import Any
 _RESULT_OK = frozenset((0, 1, 2))
 _CONNECTION_OK = 0
 _PQTRANS_IDLE = 0
+# PQresultErrorField codes: the severity, untranslated (PostgreSQL 9.6+), and
+# as the server's language says it.
+_PG_DIAG_SEVERITY_NONLOCALIZED = ord("V")
+_PG_DIAG_SEVERITY = ord("S")
+
+#: libpq's PQnoticeReceiver: void (*)(void *arg, const PGresult *res).
+_NoticeReceiver = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 
 
 class _Libpq:
@@ -58,6 +70,12 @@ class _Libpq:
         self.free = bind("PQfreemem", None, ctypes.c_void_p)
         self.socket = bind("PQsocket", ctypes.c_int, pgconn)
         self.lib_version = bind("PQlibVersion", ctypes.c_int)
+        self.result_error_field = bind(
+            "PQresultErrorField", ctypes.c_char_p, pgresult, ctypes.c_int
+        )
+        self.set_notice_receiver = bind(
+            "PQsetNoticeReceiver", _NoticeReceiver, pgconn, _NoticeReceiver, ctypes.c_void_p
+        )
 
 
 _libpq: _Libpq | None = None
@@ -103,13 +121,15 @@ def send(conn: Any, sql: bytes) -> bool:
     return bool(libpq.flush(pgconn) >= 0)
 
 
-def finish(conn: Any, timeout: float) -> str:
-    """Read the answer to what :func:`send` sent; "" if it succeeded, else why not.
+def finish(conn: Any, timeout: float, what: str = "the reset") -> tuple[str, bool]:
+    """Read the answer to what :func:`send` sent: ("", True) if it succeeded, else
+    (why not, whether the server answered, with an error, rather than went away).
 
     Normally the answer is already there and this costs no wait. Waits are
     made with ``select.poll`` (cooperative under gevent) and bounded by
     ``timeout`` seconds: a server that stopped answering costs this one
-    connection, never a thread stuck for good.
+    connection, never a thread stuck for good. An answer already received is
+    read even when ``timeout`` is 0. ``what`` names the statement in messages.
     """
     libpq = _libpq
     assert libpq is not None
@@ -117,16 +137,16 @@ def finish(conn: Any, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while (flushed := libpq.flush(pgconn)) == 1:
         if not _wait(libpq.socket(pgconn), select.POLLOUT, deadline):
-            return f"the server did not take the reset within {timeout:g} s"
+            return f"the server did not take {what} within {timeout:g} s", False
     if flushed < 0:
-        return _connection_error(libpq, pgconn)
+        return _connection_error(libpq, pgconn), False
     failure = ""
     while True:
         while libpq.is_busy(pgconn):
             if not libpq.consume_input(pgconn):
-                return _connection_error(libpq, pgconn)
+                return _connection_error(libpq, pgconn), False
             if libpq.is_busy(pgconn) and not _wait(libpq.socket(pgconn), select.POLLIN, deadline):
-                return f"the server did not answer the reset within {timeout:g} s"
+                return f"the server did not answer {what} within {timeout:g} s", False
         result = libpq.get_result(pgconn)
         if not result:
             break
@@ -136,13 +156,49 @@ def finish(conn: Any, timeout: float) -> str:
     # Notifications that arrived meanwhile were for the previous user.
     while notify := libpq.notifies(pgconn):
         libpq.free(notify)
-    if failure:
-        return failure
     if libpq.status(pgconn) != _CONNECTION_OK:
-        return _connection_error(libpq, pgconn)
+        return _connection_error(libpq, pgconn), False
+    if failure:
+        return failure, True
     if libpq.transaction_status(pgconn) != _PQTRANS_IDLE:
-        return "the reset left a transaction open"
-    return ""
+        return f"{what} left a transaction open", True
+    return "", True
+
+
+def on_session_end(conn: Any, callback: Callable[[], None]) -> Any:
+    """Call ``callback()`` when the server announces that it ends the session.
+
+    A server ending an idle session (``pg_terminate_backend()``, a shutdown,
+    ``idle_session_timeout``) first sends a FATAL message, then closes the
+    socket. libpq hands such a message, arriving between statements, to the
+    notice processor (psycopg2's, which keeps it to itself until the next
+    statement). When :func:`finish` reads a reset's answer it may read that
+    message too, leaving nothing on the socket to tell that the session is
+    over until the server's process has exited. This puts a notice receiver
+    in front of psycopg2's that calls ``callback`` for a FATAL (or PANIC)
+    message and passes every message on. The returned object must be kept
+    as long as the connection.
+    """
+    libpq = _libpq
+    assert libpq is not None
+    passed_on: list[Any] = []
+
+    def receive(arg: int | None, result: int | None) -> None:
+        try:
+            if passed_on[0]:
+                passed_on[0](arg, result)
+        finally:
+            severity = libpq.result_error_field(
+                result, _PG_DIAG_SEVERITY_NONLOCALIZED
+            ) or libpq.result_error_field(result, _PG_DIAG_SEVERITY)
+            if severity in (b"FATAL", b"PANIC"):
+                callback()
+
+    receiver = _NoticeReceiver(receive)
+    # libpq's default receiver, which hands the message to the notice
+    # processor (psycopg2's); it takes no argument of its own.
+    passed_on.append(libpq.set_notice_receiver(conn.pgconn_ptr, receiver, None))
+    return receiver
 
 
 def _connection_error(libpq: _Libpq, pgconn: int) -> str:

@@ -23,6 +23,8 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import psycopg2.extensions
+
 from . import process
 from .pooled_connection import TRANSACTION_IDLE
 
@@ -124,19 +126,33 @@ def thread_name(ident: int | None) -> str:
     return "an ended thread"
 
 
-def holders(connections: Iterable[Any]) -> list[tuple[str, float, bool]]:
-    """(thread name, seconds held, in a transaction) for checked-out connections, longest first."""
+_DOING = {
+    TRANSACTION_IDLE: "idle",
+    psycopg2.extensions.TRANSACTION_STATUS_ACTIVE: "running a query",
+    psycopg2.extensions.TRANSACTION_STATUS_INTRANS: "in a transaction",
+    psycopg2.extensions.TRANSACTION_STATUS_INERROR: "in a failed transaction",
+    psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN: "with its server connection lost",
+}
+
+
+def holders(connections: Iterable[Any]) -> list[tuple[str, float, str]]:
+    """(thread name, seconds held, what it is doing) for checked-out connections, longest first.
+
+    What it is doing: "idle" (between statements), "running a query",
+    "in a transaction", "in a failed transaction" or "with its server
+    connection lost".
+    """
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     now = time.monotonic()
     result = []
     for conn in sorted(connections, key=lambda c: c.pool_entry.checked_out_at):
         entry = conn.pool_entry
         try:
-            busy = conn.info.transaction_status != TRANSACTION_IDLE
+            doing = _DOING.get(conn.info.transaction_status, "idle")
         except Exception:
-            busy = False
+            doing = "idle"
         result.append(
-            (names.get(entry.holder, "an ended thread"), now - entry.checked_out_at, busy)
+            (names.get(entry.holder, "an ended thread"), now - entry.checked_out_at, doing)
         )
     return result
 

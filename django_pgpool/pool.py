@@ -35,7 +35,7 @@ import psycopg2
 import psycopg2.extensions as ext
 from psycopg2.pool import ThreadedConnectionPool
 
-from . import observers, ownership, process
+from . import observers, ownership, process, validation
 from .counters import Counters
 from .errors import (
     PoolClosed,
@@ -44,10 +44,12 @@ from .errors import (
     TooManyRequests,
     timeout_message,
     too_many_requests_message,
+    unreachable_message,
 )
 from .observers import WATCHING
 from .pooled_connection import (
     OPEN_TRANSACTION_STATUSES,
+    RESET_LOST,
     TRANSACTION_IDLE,
     UNUSABLE_STATUSES,
     Connector,
@@ -196,11 +198,13 @@ class ConnectionPool(ThreadedConnectionPool):
             conn = self.slots.keyed.get(key)
             if conn is not None:
                 return conn
+        if timeout is not None:
+            timeout = self._argument("getconn", "timeout", timeout, validation.seconds)
         if self.worker is None:
             self._start_worker()
         slots = self.slots
         wait_started = 0.0
-        counted = False
+        counted = queued = False
         while True:
             # Critical section: an idle connection, else a place in the queue
             # (and a slot to open a connection for it, if one is needed).
@@ -208,6 +212,7 @@ class ConnectionPool(ThreadedConnectionPool):
             start_connector = False
             with slots.lock:
                 if slots.closed:
+                    slots.counters.values["requests_errors"] += 1
                     raise PoolClosed(f"pool {self.name!r} is closed")
                 if not counted:
                     slots.counters.values["requests_num"] += 1
@@ -216,10 +221,15 @@ class ConnectionPool(ThreadedConnectionPool):
                     conn = slots.idle.pop()
                     slots.check_out_locked(conn)
                 else:
+                    self._refuse_if_unreachable_locked()
                     start_connector = slots.may_open_locked(self.outage.error is None)
                     if not start_connector:
                         self._refuse_if_queue_full_locked()
-                    waiter = slots.queue_locked()
+                    # Queued: it waits because the pool's connections are all in
+                    # use (not merely for the one being opened for it).
+                    queue_now = not queued and slots.size > slots.opening
+                    queued = queued or queue_now
+                    waiter = slots.queue_locked(queue_now)
 
             if waiter is not None:
                 if start_connector:
@@ -229,26 +239,69 @@ class ConnectionPool(ThreadedConnectionPool):
                 try:
                     conn = self._wait(waiter, wait_started, timeout)
                 except BaseException:
-                    # Whatever ended the wait (a timeout, or an exception
-                    # raised by a signal handler, gevent.Timeout or another
-                    # thread), the waiter leaves the queue, and a connection
-                    # already handed to it goes to the next waiter or back.
+                    # Whatever ended the wait (a timeout, the server refusing
+                    # the connection opened for it, or an exception raised by a
+                    # signal handler, gevent.Timeout or another thread), the
+                    # waiter leaves the queue, and a connection already handed
+                    # to it goes to the next waiter or back.
                     slots.abandon(waiter)
+                    self.counters.add("requests_errors")
                     raise
             # Whether its reset is still to be read (before _ready() reads it), for observers.
             reset_pending = started and conn.pool_entry.reset_pending  # type: ignore[union-attr]
             try:
                 if self._ready(conn, waiter is not None, check):
                     return self._hand_out(
-                        conn, key, bind_to_thread, keep_if, wait_started, started, reset_pending
+                        conn,
+                        key,
+                        bind_to_thread,
+                        keep_if,
+                        wait_started if queued else 0.0,
+                        started,
+                        reset_pending,
                     )
             except BaseException:
                 # Interrupted (a signal handler, gevent.Timeout) halfway
                 # through a check or reading its reset: the connection's state
                 # is unknown, so it goes, and its slot with it.
                 self._discard_checked_out(conn, "its checkout was interrupted")
+                self.counters.add("requests_errors")
                 raise
             self._discard_checked_out(conn, "it failed its check")
+
+    def _refuse_if_unreachable_locked(self) -> None:
+        """Fail a request at once while the pool knows the database is down. Lock held.
+
+        It knows once a request has waited its whole timeout in vain during
+        the outage. If no connection is in use either (none can come back),
+        waiting again helps nobody: the request that already failed would
+        wait once more for each query (Django's error page makes several),
+        and new ones pile up. They fail at once until the worker gets a
+        connection through.
+        """
+        outage = self.outage
+        error = outage.error
+        if error is None or not outage.waited_out or self.slots.checked_out or self.slots.resetting:
+            return
+        unreachable_for = time.monotonic() - outage.since
+        self.counters.values["requests_errors"] += 1
+        raise PoolTimeout(
+            unreachable_message(self.name, exception_summary(error), unreachable_for),
+            pool_name=self.name,
+            max_size=self.maxconn,
+            timeout=0.0,
+        )
+
+    def _argument(self, call: str, name: str, value: Any, validate: Callable[..., Any]) -> Any:
+        """``validate(value)``, or a ``ValueError`` / ``TypeError`` naming the pool and call."""
+        try:
+            return validate(value)
+        except validation.InvalidValue as exc:
+            shown = validation.describe(value, with_type=exc.wrong_type)
+            error = TypeError if exc.wrong_type else ValueError
+            raise error(
+                f"pool {self.name!r}: {call}({name}={shown}) is invalid: {name} {exc}."
+            ) from None
 
     def _refuse_if_queue_full_locked(self) -> None:
         max_waiting = self.config.max_waiting
@@ -267,7 +320,9 @@ class ConnectionPool(ThreadedConnectionPool):
         taken from the idle stack is checked as its idle time requires.
         """
         entry = conn.pool_entry
-        if entry.reset_pending and not self.connector.finish_reset(conn):
+        if entry.reset_pending and (failed := self.connector.finish_reset(conn)):
+            if failed == RESET_LOST:
+                self._suspect_the_idle()
             return False
         if handed_over:
             return True
@@ -309,22 +364,39 @@ class ConnectionPool(ThreadedConnectionPool):
         """A round-trip check; a failure makes every idle connection suspect."""
         if self.connector.check(conn) is None:
             return True
+        self._suspect_the_idle()
+        return False
+
+    def _suspect_the_idle(self) -> None:
+        """A connection was found dead: check the others that sat idle beside it."""
         # Whatever killed this one (a restart, pg_terminate_backend, a network
         # cut) probably hit the others that sat idle beside it.
         self._suspect_before = time.monotonic()
         self._submit(self._check_suspects)
-        return False
 
     def _check_suspects(self) -> None:
         """Worker task: after a dead connection was found, check the others that sat idle."""
         suspect_before = self._suspect_before
-        for conn in self.slots.take_idle(
-            lambda idle: [c for c in idle if c.pool_entry.last_used < suspect_before]
-        ):
-            if not conn.closed and self._check(conn):
-                self.add(conn)
-            else:
+        self.check_idle(
+            self.slots.take_idle(
+                lambda idle: [c for c in idle if c.pool_entry.last_used < suspect_before]
+            )
+        )
+
+    def check_idle(self, conns: list[Any], *, keepalive: bool = False) -> None:
+        """Check idle connections taken out of the pool, all within one bounded wait.
+
+        Those that answer go back (a keepalive puts them back at the bottom of
+        the idle stack, where it found them); the others are retired.
+        """
+        if not conns:
+            return
+        errors = self.connector.check_all(conns, keepalive=keepalive)
+        for conn, error in zip(conns, errors, strict=True):
+            if error is not None:
                 self.retire(conn, "it failed its check")
+            elif not self.slots.make_available(conn, least_recent=keepalive):
+                self.retire(conn, "the pool was closed")
 
     def _wait(self, waiter: Waiter, wait_started: float, timeout: float | None) -> Any:
         """Wait until a connection is handed to ``waiter``; return it checked out."""
@@ -347,6 +419,8 @@ class ConnectionPool(ThreadedConnectionPool):
             holders = ownership.holders(slots.checked_out.values())
             opening = slots.opening
         unreachable = self.outage.error
+        if unreachable is not None:
+            self.outage.waited_out = True
         message = timeout_message(
             self.name,
             waited_for,
@@ -453,7 +527,7 @@ class ConnectionPool(ThreadedConnectionPool):
         elif not checked_out:
             self._returned_twice(conn)
         else:
-            self.retire(conn, problem, now=close)
+            self.retire(conn, problem)
         if slots.closed and not slots.checked_out:
             process.untrack(self)
 
@@ -534,7 +608,7 @@ class ConnectionPool(ThreadedConnectionPool):
             return "it reached max_lifetime"
         if entry.generation != self.generation:
             return "the pool was drained"
-        if slots.size - slots.retiring > slots.max_size:
+        if slots.size > slots.max_size:
             return "the pool was resized below its size"
         return ""
 
@@ -545,37 +619,20 @@ class ConnectionPool(ThreadedConnectionPool):
         if not self.slots.make_available(conn):
             self.retire(conn, "the pool was closed")
 
-    def retire(self, conn: Any, reason: str, *, now: bool = False) -> None:
-        """Close a connection and free its slot.
+    def retire(self, conn: Any, reason: str) -> None:
+        """Close a connection and free its slot, here and now.
 
-        Unless ``now``, a connection still open is closed by the worker, off
-        the request path; its slot stays taken until then, so the server never
-        sees more than ``max_size`` connections.
+        Closing never waits on the network (a silent socket is shut down
+        rather than waited for), so the slot is free as soon as this returns,
+        and only after the socket is closed: the server never sees more than
+        ``max_size`` connections.
         """
-        worker = self.worker
-        if (
-            not now
-            and not conn.closed
-            and not self.closed
-            and worker is not None
-            and worker.alive
-            and not worker.is_current_thread()
-        ):
-            with self.slots.lock:
-                self.slots.retiring += 1
-            worker.submit(self._close_and_free, conn, reason, True)
-        else:
-            self._close_and_free(conn, reason, False)
-
-    def _close_and_free(self, conn: Any, reason: str, deferred: bool) -> None:
         slots = self.slots
         slots.connections.pop(id(conn), None)
         self.connector.close(conn, reason)
         if reason != "the pool was closed":
             self._emit("connection_discarded", reason=reason)
         with slots.lock:
-            if deferred:
-                slots.retiring -= 1
             self.release_slot_locked()
             below_min = slots.size < slots.min_size
         if below_min and self.worker is not None:
@@ -587,8 +644,14 @@ class ConnectionPool(ThreadedConnectionPool):
         self.slots.release_locked(self.opener.start_connector if reachable else None)
 
     def _discard_checked_out(self, conn: Any, reason: str) -> None:
+        entry = conn.pool_entry
         with self.slots.lock:
             self.slots.checked_out.pop(id(conn), None)
+            entry.checkout_id = 0
+            if entry.key is not None:
+                self.slots.keyed.pop(entry.key, None)
+                entry.key = None
+        ownership.end_lease(entry, conn)
         self.retire(conn, reason)
 
     # ------------------------------------------------------------------ abandoned connections
@@ -635,6 +698,7 @@ class ConnectionPool(ThreadedConnectionPool):
                 self._reclaim_logged = True
         if not still_out:
             return  # returned in the meantime
+        in_transaction = conn.info.transaction_status in OPEN_TRANSACTION_STATUSES
         logger.log(
             logging.WARNING if first else logging.DEBUG,
             "pool %r: a connection was never returned (%s); the pool took it back. Close "
@@ -643,7 +707,14 @@ class ConnectionPool(ThreadedConnectionPool):
             self.name,
             holder,
         )
-        # Whatever the holder left (a transaction, session settings) goes.
+        if in_transaction:
+            # Rolling back would wait for the server, in the worker, on a
+            # connection whose holder vanished mid-transaction (perhaps as its
+            # network went silent); closing it ends the transaction just as
+            # well (the server rolls it back) and never waits.
+            self._discard_checked_out(conn, "its holder ended in the middle of a transaction")
+            return
+        # Whatever the holder left (session settings) goes.
         entry.dirty = True
         self.putconn(conn)
 
@@ -660,7 +731,7 @@ class ConnectionPool(ThreadedConnectionPool):
         if self.worker is None:
             self._start_worker()
         if wait:
-            self.opener.warm_up(timeout)
+            self.opener.warm_up(self._argument("open", "timeout", timeout, validation.seconds))
 
     def _start_worker(self) -> None:
         with self.slots.lock:
@@ -687,6 +758,7 @@ class ConnectionPool(ThreadedConnectionPool):
         when their holders are known to be finished, as before a test
         database is dropped). ``at_exit``: the interpreter is exiting.
         """
+        timeout = self._argument("close", "timeout", timeout, validation.seconds)
         if self._pid != os.getpid():
             self.abandon_after_fork()
             return
@@ -755,10 +827,17 @@ class ConnectionPool(ThreadedConnectionPool):
         new_min = self.minconn if min_size is None else min_size
         new_max = self.maxconn if max_size is None else max_size
         for name, value, lowest in (("min_size", new_min, 0), ("max_size", new_max, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise ValueError(f"pool {self.name!r}: {name} must be an integer >= {lowest}")
+            self._argument(
+                "resize",
+                name,
+                value,
+                lambda value, lowest=lowest: validation.connection_count(value, minimum=lowest),
+            )
         if new_max < new_min:
-            raise ValueError(f"pool {self.name!r}: max_size={new_max} is below min_size={new_min}")
+            raise ValueError(
+                f"pool {self.name!r}: resize() would leave max_size={new_max} below "
+                f"min_size={new_min}: max_size must be >= min_size."
+            )
         slots = self.slots
         with slots.lock:
             slots.min_size, slots.max_size = new_min, new_max
@@ -773,7 +852,7 @@ class ConnectionPool(ThreadedConnectionPool):
                     slots.opening += 1
                     self.opener.start_connector()
         for conn in surplus:
-            self.retire(conn, "the pool was resized", now=True)
+            self.retire(conn, "the pool was resized")
         logger.info("pool %r: resized to min_size=%d, max_size=%d", self.name, new_min, new_max)
         if self.worker is not None:
             self.worker.signal()
@@ -789,7 +868,7 @@ class ConnectionPool(ThreadedConnectionPool):
             self.generation += 1
         retired = self.slots.take_idle(lambda idle: idle)
         for conn in retired:
-            self.retire(conn, "the pool was drained", now=True)
+            self.retire(conn, "the pool was drained")
         logger.info("pool %r: drained (%d idle connections closed)", self.name, len(retired))
         if self.worker is not None:
             self.worker.signal()

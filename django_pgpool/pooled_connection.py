@@ -22,13 +22,12 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import psycopg2.extensions as ext
 
-from . import libpq
+from . import libpq, network, validation
 
 if TYPE_CHECKING:
     from .config import PoolConfig
@@ -47,14 +46,14 @@ RESET_SQL = (
     "DISCARD SEQUENCES"
 )
 
-#: How long the pool waits for the answer to a session reset it sent when the
-#: connection was returned (seconds). It is normally there already; a server
-#: that has not answered by then is treated as gone and the connection closed.
-RESET_ANSWER_TIMEOUT = 5.0
-
 #: A connection's ``max_lifetime`` is shortened by up to this fraction, at
 #: random, so that connections opened together don't all expire together.
 LIFETIME_JITTER = 0.05
+
+#: What :meth:`Connector.finish_reset` says of a reset that failed: the server
+#: refused it (the connection works), or the connection is lost.
+RESET_REFUSED = "refused"
+RESET_LOST = "lost"
 
 TRANSACTION_IDLE = ext.TRANSACTION_STATUS_IDLE
 #: In the middle of a query, or the server connection is lost.
@@ -70,6 +69,7 @@ class Entry:
     """What the pool knows about one of its connections."""
 
     __slots__ = (
+        "checked_at",
         "checked_out_at",
         "checkout_id",
         "created_at",
@@ -82,10 +82,12 @@ class Entry:
         "last_used",
         "leak_reported",
         "lease",
+        "notice_receiver",
         "origin",
         "poller",
         "pool",
         "reset_pending",
+        "session_ended",
     )
 
     def __init__(self, pool: ConnectionPool, conn: Any, lifetime: float | None) -> None:
@@ -97,8 +99,11 @@ class Entry:
         self.expires_at = (
             now + lifetime * (1.0 - random.uniform(0.0, LIFETIME_JITTER)) if lifetime else _INFINITY
         )
-        #: When it last did something the server answered (a return, a check).
+        #: When it last did something the server answered (a return, a check
+        #: before it was handed out): ``max_idle`` counts from here.
         self.last_used = now
+        #: When the server last answered a check on it (keepalives included).
+        self.checked_at = now
         self.checked_out_at = now
         #: Whether it ran anything since its last reset.
         self.dirty = False
@@ -120,6 +125,15 @@ class Entry:
         self.generation = pool.generation
         self.cursor_factory = conn.cursor_factory
         self.poller = _make_poller(conn)
+        #: Set when the server announced the end of the session (a FATAL
+        #: message between statements), maybe before closing its socket.
+        self.session_ended = False
+        self.notice_receiver: Any = (
+            libpq.on_session_end(conn, self.note_session_end) if libpq.available() else None
+        )
+
+    def note_session_end(self) -> None:
+        self.session_ended = True
 
     def socket_has_data(self) -> bool:
         """Whether the server sent something to a connection nobody is using.
@@ -262,15 +276,23 @@ class Connector:
         self.resets_sessions = reset is not False
         # The reset message, by whether startup settings work (it may change once).
         self._reset_messages: dict[bool, bytes] = {}
+        self._reset_failure_reported = False
 
     # ------------------------------------------------------------------ opening
 
     def open(self, pool: ConnectionPool) -> Any:
-        """Connect and apply the session settings. Never called with the pool's lock held."""
-        given = self.connect_kwargs() if callable(self.connect_kwargs) else self.connect_kwargs
-        kwargs = {key: evaluated(value) for key, value in given.items()}
-        if self.config.connect_params is not None:
-            kwargs.update(self.config.connect_params())
+        """Connect and apply the session settings. Never called with the pool's lock held.
+
+        Raises what went wrong: psycopg2's error when the server could not be
+        reached or refused the connection; the error itself when a
+        ``connect_params`` or ``configure`` hook or a callable password
+        failed or gave something libpq can't take (waiting won't fix those).
+        """
+        try:
+            kwargs = self.connection_parameters()
+        except Exception:
+            self.counters.add("connections_errors")
+            raise
         application_name = kwargs.get("application_name")
         if isinstance(application_name, str) and "{pid}" in application_name:
             kwargs["application_name"] = application_name.replace("{pid}", str(os.getpid()))
@@ -323,6 +345,43 @@ class Connector:
             values["connections_ms"] += (time.monotonic() - started) * 1000.0
         return conn
 
+    def connection_parameters(self) -> dict[str, Any]:
+        """The parameters for a new connection: the pool's (callables evaluated),
+        ``connect_params``' on top, then :data:`.network.CONNECTION_DEFAULTS`
+        where neither gave a value. Raises ``TypeError`` or ``ValueError``,
+        naming the pool and where the value came from, for what libpq can't take.
+        """
+        given = self.connect_kwargs() if callable(self.connect_kwargs) else self.connect_kwargs
+        kwargs: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for key, value in given.items():
+            kwargs[key] = evaluated(value)
+            if kwargs[key] is not value:
+                sources[key] = f"returned by {validation.describe_callable(value)}"
+        hook = self.config.connect_params
+        if hook is not None:
+            extra = hook()
+            if not isinstance(extra, Mapping):
+                raise TypeError(
+                    f"pool {self.name!r}: connect_params ({validation.describe_callable(hook)}) "
+                    f"returned {validation.describe(extra, with_type=True)}; it must return a "
+                    f"dict of connection parameters, such as {{'password': token}} ({{}} for "
+                    f"none)."
+                )
+            kwargs.update(extra)
+            source = f"returned by connect_params ({validation.describe_callable(hook)})"
+            sources.update(dict.fromkeys(extra, source))
+        for key, value in kwargs.items():
+            try:
+                validation.connection_parameter(value)
+            except validation.InvalidValue as exc:
+                source = f" {sources[key]}" if key in sources else ""
+                raise ValueError(
+                    f"pool {self.name!r}: the connection parameter {key!r}{source} is invalid: "
+                    f"it {exc}."
+                ) from None
+        return network.with_defaults(kwargs)
+
     def _with_startup_settings(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with the session settings added to libpq's ``options``."""
         flags = " ".join(
@@ -341,11 +400,67 @@ class Connector:
 
     def check(self, conn: Any) -> BaseException | None:
         """A round-trip check: None if the connection answered, else the error."""
-        self.counters.add("checks_num")
+        return self.check_all([conn])[0]
+
+    def check_all(
+        self, conns: Sequence[Any], *, keepalive: bool = False
+    ) -> list[BaseException | None]:
+        """Round-trip checks of idle connections: for each, None if it answered, else why not.
+
+        Every check is sent first and the answers read after, all within one
+        :data:`.network.CHECK_TIMEOUT`: a server that stopped answering costs
+        that long once, however many connections it holds. A ``check``
+        callable runs instead of ``SELECT 1``, one connection after the
+        other, bounded only by the sockets' own settings. A ``keepalive``
+        leaves ``last_used`` alone, so that ``max_idle`` still applies.
+        """
+        with self.counters.lock:
+            self.counters.values["checks_num"] += len(conns)
+        deadline = time.monotonic() + network.CHECK_TIMEOUT
+        errors: list[BaseException | None] = [None] * len(conns)
+        sent: list[int] = []
+        lost_at_reset: set[int] = set()  # counted as lost by finish_reset()
+        for index, conn in enumerate(conns):
+            if conn.closed:
+                errors[index] = psycopg2.InterfaceError("connection already closed")
+            elif conn.pool_entry.reset_pending and (
+                failed := self.finish_reset(conn, max(0.0, deadline - time.monotonic()))
+            ):
+                errors[index] = psycopg2.OperationalError("its reset failed")
+                if failed == RESET_LOST:
+                    lost_at_reset.add(index)
+            elif self.config.check is not None or not libpq.available():
+                errors[index] = self._check_with_psycopg2(conn)
+            elif libpq.send(conn, b"SELECT 1"):
+                sent.append(index)
+            else:
+                errors[index] = psycopg2.OperationalError("the connection was lost")
+        for index in sent:
+            remaining = max(0.0, deadline - time.monotonic())
+            failure, _ = libpq.finish(conns[index], remaining, "the check")
+            if failure:
+                errors[index] = psycopg2.OperationalError(failure)
+        now = time.monotonic()
+        for index, (conn, error) in enumerate(zip(conns, errors, strict=True)):
+            if error is None:
+                conn.pool_entry.checked_at = now
+                if not keepalive:
+                    conn.pool_entry.last_used = now
+                continue
+            with self.counters.lock:
+                self.counters.values["checks_failed"] += 1
+                if index not in lost_at_reset:
+                    self.counters.values["connections_lost"] += 1
+            logger.info(
+                "pool %r: discarding a connection that failed its check (%s)",
+                self.name,
+                exception_summary(error),
+            )
+        return errors
+
+    def _check_with_psycopg2(self, conn: Any) -> BaseException | None:
         entry = conn.pool_entry
         was_dirty = entry.dirty
-        if entry.reset_pending and not self.finish_reset(conn):
-            return psycopg2.OperationalError("its reset failed")
         try:
             if self.config.check is not None:
                 self.config.check(conn)
@@ -353,17 +468,8 @@ class Connector:
                 with conn.cursor() as cursor:
                     cursor.execute("SELECT 1")
         except Exception as exc:
-            with self.counters.lock:
-                self.counters.values["checks_failed"] += 1
-                self.counters.values["connections_lost"] += 1
-            logger.info(
-                "pool %r: discarding a connection that failed its check (%s)",
-                self.name,
-                exception_summary(exc),
-            )
             return exc
         entry.dirty = was_dirty
-        entry.last_used = time.monotonic()
         return None
 
     # ------------------------------------------------------------------ resetting
@@ -431,15 +537,12 @@ class Connector:
                 if self.reset_callable is not None:
                     self.reset_callable(conn)
                     if conn.info.transaction_status != TRANSACTION_IDLE:
-                        logger.warning(
-                            "pool %r: the reset callable left a transaction open; "
-                            "discarding the connection",
-                            self.name,
-                        )
+                        self._reset_failed("the reset callable left a transaction open", True)
                         return False
                     self._apply_session(conn, "")
                 elif libpq.available():
                     if not libpq.send(conn, self._reset_message(conn)):
+                        self._reset_failed("the connection was lost", False)
                         return False
                     entry.reset_pending = True
                 elif self.reset_sql is RESET_SQL and self._discard_all_suffices():
@@ -449,33 +552,60 @@ class Connector:
                     self._apply_session(conn, self.reset_sql)
                 self.counters.add("resets_num")
         except Exception as exc:
-            logger.info(
-                "pool %r: discarding a connection whose reset failed (%s)",
-                self.name,
-                exception_summary(exc),
-            )
+            # A server that answered with an error, or a reset callable that
+            # raised, will do the same next time; a lost connection won't.
+            lost = isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError)
+            self._reset_failed(exception_summary(exc), not (lost or conn.closed))
             return False
         entry.dirty = False
         return True
 
-    def finish_reset(self, conn: Any) -> bool:
-        """Read the answer to the reset :meth:`begin_reset` sent; False if it failed.
+    def finish_reset(self, conn: Any, timeout: float = network.RESET_ANSWER_TIMEOUT) -> str:
+        """Read the answer to the reset :meth:`begin_reset` sent.
 
-        Called before anything else uses the connection. The answer has
-        normally long arrived; a server that does not answer within
-        ``RESET_ANSWER_TIMEOUT`` costs this connection, not the pool.
+        Returns "" if the reset succeeded; else :data:`RESET_REFUSED` (the
+        server answered with an error) or :data:`RESET_LOST` (the connection
+        is gone, or silent). Called before anything else uses the
+        connection. The answer has normally long arrived; a server that does
+        not answer within ``timeout`` seconds costs this connection, not the
+        pool.
         """
         entry = conn.pool_entry
         entry.reset_pending = False
-        failure = libpq.finish(conn, RESET_ANSWER_TIMEOUT)
+        failure, answered = libpq.finish(conn, timeout)
+        if not failure and entry.session_ended:
+            # Its FATAL message came with the answer; the socket may not
+            # show it yet.
+            failure, answered = "the server ended the session", False
         if not failure:
-            return True
-        logger.info(
-            "pool %r: discarding a connection whose reset failed (%s)",
-            self.name,
-            failure.splitlines()[0],
-        )
-        return False
+            return ""
+        self._reset_failed(failure.splitlines()[0], answered)
+        if answered:
+            return RESET_REFUSED
+        self.counters.add("connections_lost")
+        return RESET_LOST
+
+    def _reset_failed(self, why: str, by_the_server: bool) -> None:
+        """Count a reset that failed, and say so.
+
+        A reset the server refused (or a reset callable that failed) on a
+        working connection will fail every time, costing every request a new
+        connection: that is a WARNING, once per pool. A connection lost
+        during its reset is only news at INFO.
+        """
+        self.counters.add("resets_failed")
+        if by_the_server and not self._reset_failure_reported:
+            self._reset_failure_reported = True
+            logger.warning(
+                "pool %r: the session reset failed on a working connection (%s); the "
+                "connection was discarded. A reset that fails every time costs every request "
+                "a new connection: check OPTIONS['pool']['reset']. Every failed reset is "
+                "counted in stats()['resets_failed'].",
+                self.name,
+                why,
+            )
+        else:
+            logger.info("pool %r: discarding a connection whose reset failed (%s)", self.name, why)
 
     def _reset_message(self, conn: Any) -> bytes:
         """The statements :meth:`begin_reset` sends, as one message."""
@@ -523,8 +653,7 @@ class Connector:
     # ------------------------------------------------------------------ closing
 
     def close(self, conn: Any, reason: str) -> None:
-        """Close the server connection (the caller frees its slot)."""
+        """Close the server connection, without waiting (the caller frees its slot)."""
         self.counters.closed(reason)
         logger.debug("pool %r: closing a connection: %s", self.name, reason)
-        with suppress(Exception):  # close() of a broken connection may complain
-            conn.close()
+        network.close_without_waiting(conn)

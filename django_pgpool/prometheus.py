@@ -114,24 +114,29 @@ METRICS: tuple[MetricSpec, ...] = (
         scale=_MS,
         multiprocess_mode="max",
     ),
-    MetricSpec("requests_num", "django_pgpool_requests", "Connections handed out.", counter=True),
+    MetricSpec(
+        "requests_num",
+        "django_pgpool_requests",
+        "Requests for a connection, served or not.",
+        counter=True,
+    ),
     MetricSpec(
         "requests_queued",
         "django_pgpool_requests_queued",
-        "Requests that had to wait for a connection.",
+        "Requests that had to wait because every connection was in use.",
         counter=True,
     ),
     MetricSpec(
         "requests_wait_ms",
         "django_pgpool_request_wait_seconds",
-        "Time requests spent waiting for a connection.",
+        "Time queued requests spent waiting for a connection.",
         counter=True,
         scale=_MS,
     ),
     MetricSpec(
         "requests_errors",
         "django_pgpool_request_errors",
-        "Requests that got no connection (PoolTimeout or TooManyRequests).",
+        "Requests that got no connection, whatever the error.",
         counter=True,
     ),
     MetricSpec(
@@ -174,7 +179,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "connections_lost",
         "django_pgpool_connections_lost",
-        "Connections found dead by a check.",
+        "Connections found dead (by a check, or reading their reset's answer).",
         counter=True,
     ),
     MetricSpec(
@@ -202,9 +207,15 @@ METRICS: tuple[MetricSpec, ...] = (
         counter=True,
     ),
     MetricSpec(
+        "resets_failed",
+        "django_pgpool_resets_failed",
+        "Session resets that failed (the connection was discarded).",
+        counter=True,
+    ),
+    MetricSpec(
         "checks_num",
         "django_pgpool_checks",
-        "Round-trip checks before handing out a connection.",
+        "Round-trip checks (before handing out, of suspects, keepalives).",
         counter=True,
     ),
     MetricSpec(

@@ -10,8 +10,8 @@ ever held for a few dictionary and list operations.
 Invariants, under the lock:
 
 - ``size`` = idle + checked out + being opened + being returned + checked by
-  the worker + handed to the worker to close (``retiring``); it never exceeds
-  ``max_size`` except after ``resize()`` shrank it, until the surplus is back.
+  the worker; it never exceeds ``max_size`` except after ``resize()`` shrank
+  it, until the surplus is back.
 - A connection is *checked out* from the moment it leaves the idle stack (or
   is handed to a waiter) until it is given back; each checkout has a number.
 - A returning thread hands its connection to the longest waiter; it cannot
@@ -66,8 +66,6 @@ class Slots:
         self.opening = 0
         #: Returned connections on their way back (their reset being sent).
         self.resetting = 0
-        #: Connections handed to the worker to close.
-        self.retiring = 0
 
     # ------------------------------------------------------------------ taking
 
@@ -98,10 +96,28 @@ class Slots:
             return True
         return False
 
-    def queue_locked(self) -> Waiter:
+    def reserve_for_waiter_locked(self) -> bool:
+        """Reserve a slot to open a connection for the waiters, if they need one more. Lock held.
+
+        They do when they outnumber the connections on their way to them
+        (being returned or opened), and the pool has room.
+        """
+        if (
+            not self.closed
+            and self.size < self.max_size
+            and len(self.waiters) > self.resetting + self.opening
+        ):
+            self.size += 1
+            self.opening += 1
+            return True
+        return False
+
+    def queue_locked(self, queued: bool) -> Waiter:
+        """Queue a new waiter; ``queued``: it waits because every connection is in use."""
         waiter = Waiter()
         self.waiters.append(waiter)
-        self.counters.values["requests_queued"] += 1
+        if queued:
+            self.counters.values["requests_queued"] += 1
         return waiter
 
     def served(self, waiter: Waiter) -> Any:
@@ -120,9 +136,7 @@ class Slots:
                 self.waiters.remove(waiter)
             except ValueError:
                 return False
-            values = self.counters.values
-            values["requests_errors"] += 1
-            values["requests_timeouts"] += 1
+            self.counters.values["requests_timeouts"] += 1
             return True
 
     def abandon(self, waiter: Waiter) -> None:
@@ -179,21 +193,27 @@ class Slots:
 
     # ------------------------------------------------------------------ giving back
 
-    def make_available_locked(self, conn: Any) -> None:
-        """Give a ready connection to the longest waiter, or make it idle. Lock held."""
+    def make_available_locked(self, conn: Any, least_recent: bool = False) -> None:
+        """Give a ready connection to the longest waiter, or make it idle. Lock held.
+
+        An idle connection goes on top of the stack (used next), or with
+        ``least_recent`` at the bottom (a connection only checked, not used).
+        """
         if self.waiters:
             waiter = self.waiters.popleft()
             waiter.conn = conn
             waiter.event.release()
+        elif least_recent:
+            self.idle.insert(0, conn)
         else:
             self.idle.append(conn)
 
-    def make_available(self, conn: Any) -> bool:
+    def make_available(self, conn: Any, least_recent: bool = False) -> bool:
         """A new, checked or reset connection joins the pool; False if the pool closed."""
         with self.lock:
             if self.closed:
                 return False
-            self.make_available_locked(conn)
+            self.make_available_locked(conn, least_recent)
             return True
 
     def release_locked(self, refill: Callable[[], None] | None) -> None:

@@ -1,13 +1,17 @@
 """The pool's background work: its thread, housekeeping, and opening connections.
 
 Each pool has one worker thread. Request threads never wait for it: they hand
-it tasks (close a discarded connection, take back an abandoned one, reset a
-returned one, check the idle connections after a dead one was found) and
-move on. Between tasks it keeps the pool in shape (:class:`Housekeeper`):
-retires connections before ``max_lifetime`` and after ``max_idle``, reports
-leaks, opens connections up to ``min_size``, and while the database cannot
-be reached, retries with backoff (:class:`Outage`) so that requests wait for
-one reconnect instead of each hammering the server.
+it tasks (take back an abandoned connection, check the idle connections after
+a dead one was found) and move on. Between tasks it keeps the pool in shape
+(:class:`Housekeeper`): retires connections before ``max_lifetime`` and after
+``max_idle``, keeps idle ones alive (``keepalive_time``), reports leaks, opens
+connections up to ``min_size``, and while the database cannot be reached,
+retries with backoff (:class:`Outage`) so that requests wait for one
+reconnect instead of each hammering the server.
+
+Whatever the worker does on the network has a bound (:mod:`.network`), and
+nothing that frees a slot waits for it: a connection is closed, and its slot
+freed, by whichever thread retires it.
 
 The worker holds no strong reference to its pool while it sleeps, so an
 abandoned pool can be garbage collected; in a forked child it parks.
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 
 from . import ownership, process
-from .errors import PoolClosed, PoolTimeout
+from .errors import PoolClosed, PoolTimeout, connect_error
 from .pooled_connection import exception_summary
 
 if TYPE_CHECKING:
@@ -46,8 +50,8 @@ FIRST_RECONNECT_BACKOFF = 0.05
 MAX_RECONNECT_BACKOFF = 2.0
 
 # Connection errors that waiting cannot fix: the server answered, and refused
-# this client for good. Anything else (refused, timed out, starting up,
-# shutting down, too many clients) is worth waiting out.
+# this client for good. Any other OperationalError (refused, timed out,
+# starting up, shutting down, too many clients) is worth waiting out.
 _PERMANENT_CONNECT_ERRORS = (
     "authentication failed",
     "no pg_hba.conf entry",
@@ -64,32 +68,54 @@ _INFINITY = float("inf")
 
 
 def is_transient_connect_error(exc: BaseException) -> bool:
-    """Whether waiting (and retrying) could make a failed connect succeed."""
+    """Whether waiting (and retrying) could make a failed connect succeed.
+
+    Only a failure to reach the server, or a server not ready for us yet,
+    is: a hook that raised, parameters libpq can't take, a wrong password
+    or a missing database are the same next time.
+    """
+    if not isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+        return False
     message = str(exc).lower()
     return not any(marker in message for marker in _PERMANENT_CONNECT_ERRORS)
 
 
 class Outage:
-    """Whether new connections fail right now, since when, and when to retry."""
+    """Whether new connections fail right now, since when, and when to retry.
 
-    __slots__ = ("backoff", "error", "lock", "retry_at", "since")
+    Two kinds of failure: the database can't be *reached* (``error``, set
+    only once the pool has connected before: requests then wait for the
+    worker to reconnect), or it *refuses* (a wrong password...: requests get
+    the error at once). Either way the worker retries with backoff.
+    """
+
+    __slots__ = ("backoff", "error", "failing", "lock", "retry_at", "since", "waited_out")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         #: The last connection error while the database cannot be reached; None otherwise.
         self.error: BaseException | None = None
+        #: Whether connections have failed since the last one got through.
+        self.failing = False
+        #: Whether a request has waited its whole timeout in vain during this
+        #: outage: the pool then knows the server is down, and says so at once.
+        self.waited_out = False
         self.since = 0.0
         self.backoff = 0.0
         self.retry_at = 0.0
 
-    def failed(self, exc: BaseException) -> bool:
-        """A connection attempt failed; back off. True if this starts an outage."""
+    def failed(self, exc: BaseException, *, unreachable: bool) -> bool:
+        """A connection attempt failed; back off. True if it is the first failure since
+        connections last got through (or since the database became unreachable)."""
         now = time.monotonic()
         with self.lock:
-            first = self.error is None
-            self.error = exc
+            first = not self.failing or (unreachable and self.error is None)
+            self.failing = True
+            if unreachable:
+                if self.error is None:
+                    self.since = now
+                self.error = exc
             if first:
-                self.since = now
                 self.backoff = FIRST_RECONNECT_BACKOFF
             else:
                 self.backoff = min(MAX_RECONNECT_BACKOFF, self.backoff * 2)
@@ -97,12 +123,15 @@ class Outage:
         return first
 
     def ended(self) -> float | None:
-        """A connection got through. The outage's length, if there was one."""
+        """A connection got through. The outage's length, if the database was unreachable."""
         with self.lock:
+            if not self.failing:
+                return None
+            self.failing = self.waited_out = False
+            self.backoff = self.retry_at = 0.0
             if self.error is None:
                 return None
             self.error = None
-            self.backoff = self.retry_at = 0.0
             return time.monotonic() - self.since
 
 
@@ -216,6 +245,7 @@ class Housekeeper:
             self._last_run = now
             self.retire_expiring(now)
             self.retire_idle(now)
+            self.keep_alive(now)
             if pool.config.leak_threshold:
                 with pool.slots.lock:
                     held = list(pool.slots.checked_out.values())
@@ -298,6 +328,29 @@ class Housekeeper:
         for conn in pool.slots.take_idle(unused):
             pool.retire(conn, "it was idle for max_idle")
 
+    def keep_alive(self, now: float) -> None:
+        """Check idle connections that have not heard from the server for ``keepalive_time``.
+
+        Like HikariCP's keepalive: a NAT or firewall that drops quiet flows
+        never sees one quiet for that long, and a connection that died
+        quietly is found here rather than by a request. All are checked
+        within one bounded wait; those that answer go back where they were.
+        """
+        pool = self._pool()
+        interval = pool.config.keepalive_time
+        if interval is None:
+            return
+        quiet_since = now - interval
+
+        def quiet(idle: list[Any]) -> list[Any]:
+            return [
+                conn
+                for conn in idle
+                if max(conn.pool_entry.last_used, conn.pool_entry.checked_at) <= quiet_since
+            ]
+
+        pool.check_idle(pool.slots.take_idle(quiet), keepalive=True)
+
     def replenish(self) -> None:
         """Open connections in the background.
 
@@ -336,6 +389,11 @@ class Opener:
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool_ref = weakref.ref(pool)
         self.name = pool.name
+        #: Whether a connection ever got through. Until one does, nothing says
+        #: the server was ever there to wait for (a management command run
+        #: while the database is down, a wrong HOST): every connection error
+        #: goes to the request that needed the connection, at once.
+        self.connected_once = False
 
     def _pool(self) -> ConnectionPool:
         pool = self._pool_ref()
@@ -346,6 +404,7 @@ class Opener:
         """Open a connection for a slot already counted. Never called with the lock held."""
         pool = self._pool()
         conn = pool.connector.open(pool)
+        self.connected_once = True
         pool.slots.connections[id(conn)] = conn
         worker = pool.worker
         if pool.config.max_lifetime and worker is not None and not worker.is_current_thread():
@@ -358,12 +417,22 @@ class Opener:
             target=self._connect_for_waiter, name=f"pgpool-{self.name}-connect", daemon=True
         ).start()
 
+    def worth_waiting_for(self, exc: BaseException) -> bool:
+        """Whether requests should wait while the worker retries, rather than get ``exc``.
+
+        Only when the server can't be reached right now and has been before.
+        """
+        return self.connected_once and is_transient_connect_error(exc)
+
     def _connect_for_waiter(self) -> None:
         """A connector: open a connection and give it to the longest waiter.
 
-        If the server can't be reached, the slot is given up and the worker
-        reconnects for everyone while requests wait; if waiting can't help (a
-        wrong password, a missing database), the longest waiter gets the error.
+        If the server can't be reached (and has been before), the slot is
+        given up and the worker reconnects for everyone while requests wait;
+        otherwise (a wrong password, a missing database, a failing hook, a
+        pool that never reached its server) the longest waiter gets the
+        error at once, and the next waiter that needs a connection an attempt
+        of its own.
         """
         pool = self._pool()
         slots = pool.slots
@@ -373,18 +442,21 @@ class Opener:
         except Exception as exc:
             if os.getpid() != started_in:
                 process.park_forever()  # copied into a forked child mid-connect (gevent)
-            transient = is_transient_connect_error(exc)
+            if self.worth_waiting_for(exc):
+                with slots.lock:
+                    slots.opening -= 1
+                    slots.size -= 1
+                self.note_unreachable(exc)
+                return
+            error = connect_error(self.name, exc)
             with slots.lock:
                 slots.opening -= 1
                 slots.size -= 1
-                if not transient:
-                    slots.fail_longest_waiter_locked(exc)
-            if transient:
-                self.note_unreachable(exc)
-            else:
-                logger.warning(
-                    "pool %r: cannot open connections: %s", self.name, exception_summary(exc)
-                )
+                slots.fail_longest_waiter_locked(error)
+                another = slots.reserve_for_waiter_locked()
+            if another:
+                self.start_connector()
+            self.note_refused(exc)
             return
         if os.getpid() != started_in:
             process.detach_sockets([conn])  # the parent's pool asked for it, not this process
@@ -402,7 +474,10 @@ class Opener:
         except Exception as exc:
             with pool.slots.lock:
                 pool.slots.size -= 1
-            self.note_unreachable(exc)
+            if self.worth_waiting_for(exc):
+                self.note_unreachable(exc)
+            else:
+                self.note_refused(exc)
             return False
         self.note_reachable()
         pool.add(conn)
@@ -436,8 +511,14 @@ class Opener:
                 # included, the reserved slot is given back.
                 with slots.lock:
                     pool.release_slot_locked()
-                if not isinstance(exc, psycopg2.Error):
+                if not isinstance(exc, Exception):
                     raise
+                if not is_transient_connect_error(exc):
+                    # A wrong password, a missing database: no use retrying.
+                    error = connect_error(self.name, exc)
+                    if error is exc:
+                        raise
+                    raise error from exc
                 if time.monotonic() >= deadline:
                     raise self._warm_up_failed(timeout, exc) from exc
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -460,9 +541,9 @@ class Opener:
         )
 
     def note_unreachable(self, exc: BaseException) -> None:
-        """New connections fail: back off, say so once, let requests wait for the worker."""
+        """The server can't be reached: back off, say so once, let requests wait for the worker."""
         pool = self._pool()
-        if pool.outage.failed(exc):
+        if pool.outage.failed(exc, unreachable=True):
             logger.warning(
                 "pool %r: cannot open connections (%s); requests wait up to timeout=%g s "
                 "while the pool retries in the background",
@@ -473,10 +554,26 @@ class Opener:
         if pool.worker is not None:
             pool.worker.signal()
 
+    def note_refused(self, exc: BaseException) -> None:
+        """A connection failed in a way requests hear of at once: back off the
+        background attempts, and say so once (until a connection gets through).
+
+        A pool that never connected says nothing: whoever asked for the
+        connection has the error, and a command that could not reach its
+        database should not print it twice.
+        """
+        pool = self._pool()
+        if pool.outage.failed(exc, unreachable=False) and self.connected_once:
+            logger.warning(
+                "pool %r: cannot open connections: %s", self.name, exception_summary(exc)
+            )
+        else:
+            logger.debug("pool %r: cannot open a connection: %s", self.name, exception_summary(exc))
+
     def note_reachable(self) -> None:
         """A connection got through: an outage, if there was one, is over."""
         outage = self._pool().outage
-        if outage.error is None:
+        if not outage.failing:
             return
         duration = outage.ended()
         if duration is not None:

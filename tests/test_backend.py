@@ -340,3 +340,18 @@ def test_the_admin_works_on_pooled_connections(seeded_books: list[int]) -> None:
     response = client.get("/admin/library/book/")
     assert response.status_code == 200
     assert b"The Dispossessed" in response.content
+
+
+def test_a_connection_error_reaching_the_orm_names_the_alias() -> None:
+    from django_pgpool.base import DatabaseWrapper
+
+    entry = {**connection.settings_dict, "NAME": "pgpool_no_such_database"}
+    missing = DatabaseWrapper(entry, alias="missing")
+    started = time.monotonic()
+    with pytest.raises(OperationalError) as caught:
+        missing.ensure_connection()
+    assert time.monotonic() - started < 2
+    missing.close_pool()
+    message = str(caught.value)
+    assert message.startswith("pool 'missing' could not open a connection: ")
+    assert 'database "pgpool_no_such_database" does not exist' in message

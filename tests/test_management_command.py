@@ -224,12 +224,15 @@ def test_pgpool_check_says_when_the_database_cannot_be_reached_without_showing_t
     None
 ):
     with temporary_alias("down", PORT=str(free_port()), PASSWORD="hunter2-never-printed"):
-        error = pgpool_error("check", "--database", "down", "--timeout", "0.5")
+        started = time.monotonic()
+        error = pgpool_error("check", "--database", "down", "--timeout", "30")
+    # A pool that never reached its server has nothing to wait out.
+    assert time.monotonic() - started < 3
     message = str(error)
     assert error.returncode == 2
     assert message.startswith("Alias 'down' cannot reach its database ")
-    assert "Connection refused" in message
-    assert "1 request was waiting. Check that the server runs" in message
+    assert "pool 'down' could not open a connection" in message
+    assert "Connection refused. Check that the server runs" in message
     assert "HOST, PORT, NAME, USER and PASSWORD in DATABASES['down']" in message
     assert "hunter2" not in message
 
@@ -270,6 +273,96 @@ def test_pgpool_check_exit_status_tells_a_deploy_script_whether_the_pools_fit() 
     unreachable = run_manage("check", database="pgpool_no_such_database")
     assert unreachable.returncode == 2
     assert "Alias 'default' cannot reach its database" in unreachable.stderr
+
+
+def test_pgpool_open_fails_at_once_when_the_server_refuses_and_the_table_says_so(
+    fresh_pools: None,
+) -> None:
+    out = StringIO()
+    with temporary_alias("missing", NAME="pgpool_no_such_database"):
+        started = time.monotonic()
+        with pytest.raises(CommandError) as raised:
+            call_command("pgpool", "--open", "--database", "missing", stdout=out, stderr=StringIO())
+        elapsed = time.monotonic() - started
+    assert elapsed < 3  # not the 10 s of --timeout: waiting can't create the database
+    assert 'database "pgpool_no_such_database" does not exist' in str(raised.value)
+    assert "pool 'missing' could not open a connection" in str(raised.value)
+    row = next(line for line in out.getvalue().splitlines() if line.startswith("missing "))
+    assert "cannot connect" in row and " open " not in row
+
+
+def test_pgpool_json_shows_a_pool_that_cannot_connect_with_its_statistics(
+    fresh_pools: None,
+) -> None:
+    out = StringIO()
+    with (
+        temporary_alias("missing", NAME="pgpool_no_such_database"),
+        pytest.raises(CommandError),
+    ):
+        call_command("pgpool", "--open", "--database", "missing", "--json", stdout=out)
+    entry = json.loads(out.getvalue())["aliases"]["missing"]
+    assert entry["state"] == "cannot connect"
+    assert entry["stats"]["pool_size"] == 0
+    assert entry["stats"]["connections_errors"] >= 1
+
+
+def test_pgpool_json_always_carries_a_stats_key(fresh_pools: None) -> None:
+    with temporary_alias("unpooled", OPTIONS={"pool": False}):
+        report = pgpool_json()
+    entries = report["aliases"]
+    assert all("stats" in entry for entry in entries.values())
+    assert entries["default"]["state"] == "not opened yet" and entries["default"]["stats"] is None
+    assert entries["unpooled"]["state"] == "not pooled" and entries["unpooled"]["stats"] is None
+    Author.objects.count()
+    connection.close()
+    assert pgpool_json("--database", "default")["aliases"]["default"]["stats"]["requests_num"] == 1
+
+
+def run_django(*args: str, **settings: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``python -m django <args>`` on the testproject; (the result, the seconds it took)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        "TESTPROJECT_DB_NAME": connection.settings_dict["NAME"],
+        **settings,
+    }
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "command", [["migrate", "--noinput"], ["showmigrations"]], ids=["migrate", "showmigrations"]
+)
+def test_management_commands_fail_at_once_when_the_database_is_down(command: list[str]) -> None:
+    # The testproject's pool waits up to 10 s; a command that never reached
+    # its server has nothing to wait for, as with Django's own backend.
+    result, elapsed = run_django(*command, TESTPROJECT_DB_PORT=str(free_port()))
+    assert result.returncode != 0
+    assert elapsed < 8
+    assert "pool 'default' could not open a connection" in result.stderr
+    assert "Connection refused" in result.stderr
+    assert "cannot open connections" not in result.stderr  # said once, by the error
+
+
+def test_check_database_prints_a_connection_error_once() -> None:
+    result, _ = run_django("check", "--database", "default", TESTPROJECT_DB_NAME="pgpool_missing")
+    output = result.stdout + result.stderr
+    assert "django_pgpool.W007" in output
+    assert output.count('database "pgpool_missing" does not exist') == 1, output
+    assert "cannot open connections" not in output
+    pgpool_check, _ = run_django("pgpool", "check", TESTPROJECT_DB_NAME="pgpool_missing")
+    assert pgpool_check.returncode == 2
+    assert pgpool_check.stderr.count('database "pgpool_missing" does not exist') == 1
+    assert pgpool_check.stderr.startswith("CommandError: Alias 'default' cannot reach")
 
 
 SECRET = "hunter2-Wm9#"

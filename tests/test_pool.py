@@ -114,6 +114,111 @@ def test_exhausted_pool_waits_then_times_out_with_a_clear_error(make_pool: Any) 
     assert pool.stats()["requests_timeouts"] == 1
 
 
+def test_a_timeout_among_ordinary_requests_blames_no_idle_thread(make_pool: Any) -> None:
+    # max_size 2, timeout 1, 8 request threads that each run a query, render
+    # their page and give their connection back: the pool is too small, and
+    # nothing else is wrong.
+    pool = make_pool(min_size=0, max_size=2, timeout=1)
+    messages: list[str] = []
+    stop = time.monotonic() + 3
+
+    def requests(_: int) -> None:
+        while time.monotonic() < stop:
+            try:
+                conn = pool.getconn()
+            except PoolTimeout as exc:
+                messages.append(str(exc))
+                continue
+            try:
+                query_one(conn, "SELECT 1")
+                time.sleep(0.5)  # the rest of the request, between queries
+            finally:
+                pool.putconn(conn)
+
+    run_in_threads(8, requests)
+    assert messages
+    for message in messages:
+        assert "sync_to_async" not in message and "usual cause" not in message
+        assert "Raise OPTIONS['pool']['max_size']" in message
+
+
+def test_a_timeout_names_an_event_loop_executor_thread_holding_a_connection(
+    make_pool: Any,
+) -> None:
+    pool = make_pool(min_size=0, max_size=1, timeout=0.3)
+    taken, release = threading.Event(), threading.Event()
+
+    def executor_job() -> None:
+        conn = pool.getconn()
+        query_one(conn, "SELECT 1")
+        taken.set()
+        release.wait()
+        pool.putconn(conn)
+
+    holder = threading.Thread(target=executor_job, name="asyncio_0")
+    holder.start()
+    taken.wait()
+    try:
+        with pytest.raises(PoolTimeout) as caught:
+            pool.getconn()
+    finally:
+        release.set()
+        holder.join()
+    message = str(caught.value)
+    assert "Held by: asyncio_0 for " in message and ", idle." in message
+    assert "asyncio_0 is an event loop executor thread" in message
+    assert "sync_to_async(thread_sensitive=False)" in message
+    assert "django_pgpool.closing_connections" in message
+
+
+def test_a_timeout_points_at_a_connection_held_idle_for_longer_than_a_request_waits(
+    make_pool: Any,
+) -> None:
+    pool = make_pool(min_size=0, max_size=1, timeout=0.3)
+    conn = pool.getconn()
+    query_one(conn, "SELECT 1")
+    time.sleep(0.5)  # held, doing nothing, longer than a request waits
+    with pytest.raises(PoolTimeout) as caught:
+        pool.getconn()
+    pool.putconn(conn)
+    message = str(caught.value)
+    assert "MainThread for 0." in message
+    assert "Connections held idle for longer than a request waits" in message
+
+
+def test_the_first_checkout_of_a_pool_is_not_counted_as_queued(make_pool: Any) -> None:
+    pool = make_pool(min_size=0, max_size=2)
+    pool.putconn(pool.getconn())
+    conn = pool.getconn()
+    pool.putconn(conn)
+    stats = pool.stats()
+    assert stats["requests_num"] == 2
+    assert stats["requests_queued"] == 0
+    assert stats["requests_wait_ms"] == 0 and stats["requests_wait_max_ms"] == 0
+
+
+def test_requests_that_wait_for_a_busy_pool_are_counted_as_queued(make_pool: Any) -> None:
+    pool = make_pool(min_size=0, max_size=1, timeout=5)
+    held = pool.getconn()
+    threading.Timer(0.2, pool.putconn, [held]).start()
+    pool.putconn(pool.getconn())  # waits for the one in use
+    stats = pool.stats()
+    assert stats["requests_queued"] == 1
+    assert stats["requests_wait_ms"] >= 150
+
+
+def test_every_request_that_got_no_connection_is_counted_as_an_error(
+    make_pool: Any, server: Any
+) -> None:
+    pool = make_pool(server.connect_kwargs(dbname="pgpool_no_such_database"), min_size=0)
+    for _ in range(3):
+        with pytest.raises(psycopg2.OperationalError):
+            pool.getconn()
+    stats = pool.stats()
+    assert stats["requests_num"] == stats["requests_errors"] == 3
+    assert stats["requests_timeouts"] == 0
+
+
 def test_a_waiting_request_gets_the_connection_as_soon_as_one_is_returned(make_pool: Any) -> None:
     pool = make_pool(max_size=1, timeout=10)
     conn = pool.getconn()

@@ -248,6 +248,7 @@ def test_an_outage_longer_than_the_timeout_says_the_database_is_unreachable(
     pool = ConnectionPool(
         PoolConfig(name="down", min_size=0, timeout=0.5), cluster.settings.connect_kwargs()
     )
+    pool.putconn(pool.getconn())
     cluster.stop()
     try:
         with pytest.raises(PoolTimeout) as caught:
@@ -258,6 +259,122 @@ def test_an_outage_longer_than_the_timeout_says_the_database_is_unreachable(
         assert "Connection refused" in message
     finally:
         cluster.start()
+        pool.close()
+
+
+def test_a_pool_that_never_reached_its_server_fails_at_once(cluster: EmbeddedPostgres) -> None:
+    # A management command run while the database is down, a wrong HOST or
+    # PORT: nothing says the server was ever there to wait for.
+    cluster.stop()
+    pool = ConnectionPool(
+        PoolConfig(name="never-up", min_size=1, timeout=30), cluster.settings.connect_kwargs()
+    )
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(psycopg2.OperationalError) as caught:
+                pool.getconn()
+            assert time.monotonic() - started < 2
+            assert not isinstance(caught.value, PoolTimeout)
+            assert str(caught.value).startswith("pool 'never-up' could not open a connection: ")
+            assert "Connection refused" in str(caught.value)
+        stats = pool.stats()
+        assert stats["requests_errors"] == stats["requests_num"] == 3
+        cluster.start()
+        conn = pool.getconn()  # and it works as soon as the server does
+        assert query_one(conn, "SELECT 1") == 1
+        pool.putconn(conn)
+    finally:
+        pool.close()
+
+
+def test_once_a_request_waited_out_an_outage_the_next_ones_fail_at_once_until_it_ends(
+    cluster: EmbeddedPostgres,
+) -> None:
+    pool = ConnectionPool(
+        PoolConfig(name="long-outage", min_size=1, max_size=2, timeout=1),
+        cluster.settings.connect_kwargs(),
+    )
+    try:
+        pool.putconn(pool.getconn())
+        cluster.stop()
+        # One request touching the database four times, as Django's error page does.
+        started = time.monotonic()
+        errors = []
+        for _ in range(4):
+            with pytest.raises(PoolTimeout) as caught:
+                pool.getconn()
+            errors.append(str(caught.value))
+        elapsed = time.monotonic() - started
+        assert 0.9 < elapsed < 1.8  # one timeout, not four
+        assert "The database could not be reached" in errors[0]
+        for message in errors[1:]:
+            assert "A request already waited the pool's whole timeout" in message
+            assert "requests fail at once until it can be reached again" in message
+            assert "Connection refused" in message
+        cluster.start()
+        # The worker reconnects (its backoff is at most 2 s), and requests flow again.
+        assert eventually(lambda: _serves(pool), timeout=10)
+    finally:
+        pool.close()
+
+
+def _serves(pool: ConnectionPool) -> bool:
+    try:
+        conn = pool.getconn(timeout=0)
+    except PoolTimeout:
+        return False
+    pool.putconn(conn)
+    return True
+
+
+def test_connection_errors_name_the_pool_and_are_logged_once_per_outage(
+    cluster: EmbeddedPostgres, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="django_pgpool")
+    pool = ConnectionPool(
+        PoolConfig(name="rotated", min_size=0, max_size=3, timeout=10),
+        cluster.settings.connect_kwargs(),
+    )
+    try:
+        conn = pool.getconn()
+        with conn.cursor() as cursor:
+            cursor.execute("ALTER ROLE postgres PASSWORD 'rotated-elsewhere'")
+        pool.putconn(conn)
+        pool.drain()  # the next requests need new connections, which the server refuses
+        for _ in range(5):
+            started = time.monotonic()
+            with pytest.raises(psycopg2.OperationalError) as caught:
+                pool.getconn()
+            assert time.monotonic() - started < 2
+            message = str(caught.value)
+            assert message.startswith("pool 'rotated' could not open a connection: ")
+            assert "password authentication failed" in message
+        warnings = [
+            message
+            for record in caplog.records
+            if record.levelno >= logging.WARNING
+            and "cannot open connections" in (message := record.getMessage())
+        ]
+        assert len(warnings) == 1, warnings
+        assert pool.stats()["requests_errors"] == 5
+    finally:
+        pool.close()
+
+
+def test_a_pool_that_never_connected_logs_nothing_its_caller_already_heard(
+    cluster: EmbeddedPostgres, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="django_pgpool")
+    kwargs = cluster.settings.connect_kwargs(password="not-the-password")
+    pool = ConnectionPool(PoolConfig(name="denied", min_size=1, timeout=30), kwargs)
+    try:
+        for _ in range(3):
+            with pytest.raises(psycopg2.OperationalError):
+                pool.getconn()
+        time.sleep(0.3)  # the background warm-up fails too
+        assert [record for record in caplog.records if record.levelno >= logging.INFO] == []
+    finally:
         pool.close()
 
 

@@ -59,9 +59,9 @@ def test_shrinking_the_pool_closes_idle_connections_now_and_busy_ones_on_return(
 
 def test_resize_refuses_impossible_sizes(make_pool: Any) -> None:
     pool = make_pool(min_size=1, max_size=4)
-    with pytest.raises(ValueError, match="max_size=2 is below min_size=3"):
+    with pytest.raises(ValueError, match="max_size=2 below min_size=3"):
         pool.resize(min_size=3, max_size=2)
-    with pytest.raises(ValueError, match="max_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="max_size must be >= 1 connections"):
         pool.resize(max_size=0)
 
 

@@ -7,6 +7,7 @@ and checks that nothing the first one did is visible to the second.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -194,3 +195,39 @@ def test_each_reset_is_counted_in_the_statistics() -> None:
         connections["default"].close()
         request("SELECT 1")
         assert connection.pool.stats()["resets_num"] >= 3
+
+
+def test_a_reset_that_fails_every_time_is_one_warning_and_a_count(caplog: Any) -> None:
+    # Valid SQL that fails on the server: every returned connection is then
+    # discarded, and every request pays for a new one.
+    caplog.set_level(logging.INFO, logger="django_pgpool")
+    with pool_options(min_size=0, max_size=1, reset="SELECT pgpool_no_such_function()"):
+        for _ in range(5):
+            request("SELECT 1")  # each finds the previous connection's reset failed
+        stats = connection.pool.stats()
+        assert stats["resets_failed"] == 4
+        assert stats["connections_num"] == 5
+    warnings = [
+        record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 1, warnings
+    assert "the session reset failed on a working connection" in warnings[0]
+    assert "pgpool_no_such_function" in warnings[0]
+    assert "OPTIONS['pool']['reset']" in warnings[0] and "resets_failed" in warnings[0]
+
+
+def test_a_connection_lost_during_its_reset_is_no_warning(
+    make_pool: Any, admin: Any, caplog: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="django_pgpool")
+    pool = make_pool(min_size=0, max_size=1, reset="SELECT pg_sleep(5)")
+    conn = pool.getconn()
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    pool.putconn(conn)  # its reset is now running on the server
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    pool.putconn(pool.getconn())
+    assert pool.stats()["resets_failed"] == 1
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]

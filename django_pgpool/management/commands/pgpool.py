@@ -6,7 +6,8 @@
     a process of its own: without ``--open`` it has built none, so each alias
     shows as "not opened yet" with its configured sizes. ``--open`` builds
     each pool and waits for its ``min_size`` connections (a warm-up that
-    fails when the database can't be reached), then shows them.
+    fails when the database can't be reached, at once when it refuses), then
+    shows them ("cannot connect" where that failed).
 
 ``manage.py pgpool --watch [--interval SECONDS] [--count N] [--server]``
     The same pools refreshed every interval (1 s), like ``top``: in use,
@@ -258,17 +259,15 @@ class Command(BaseCommand):
                 try:
                     django_pgpool.get_pool(alias).open(wait=True, timeout=options["timeout"])
                 except (psycopg2.Error, DjangoDatabaseError) as exc:
+                    entry["state"] = "cannot connect"
                     entry["error"] = _first_line(exc)
                     failures.append(f"alias {alias!r}: {_first_line(exc)}")
         live = django_pgpool.stats()
         for alias, entry in entries.items():
-            if "state" in entry:
-                continue
-            if alias in live:
-                entry["state"] = "open"
-                entry["stats"] = live[alias]
-            else:
-                entry["state"] = "not opened yet"
+            # Statistics of the pool this process built for the alias, if any.
+            entry["stats"] = live.get(alias)
+            if "state" not in entry:
+                entry["state"] = "open" if alias in live else "not opened yet"
 
         if options["json"]:
             self.stdout.write(json.dumps({"process": os.getpid(), "aliases": entries}, indent=2))
