@@ -68,8 +68,10 @@ def main() -> int:
     from django.db.backends.signals import connection_created
 
     results: dict[str, dict[str, float]] = {}
+    from django_pgpool import get_pool
+
     connection.ensure_connection()
-    pool = connection.pool
+    pool = get_pool()
     pid = connection.connection.get_backend_pid()
     connection.close()
 
@@ -103,7 +105,7 @@ def main() -> int:
     results["reset: DISCARD ALL sent on return, read on checkout (extra)"] = {
         key: reset[key] - clean.get(key, 0.0) for key in reset
     }
-    connection.close_pool()
+    pool.close()
 
     width = max(len(name) for name in results)
     for name, values in results.items():
