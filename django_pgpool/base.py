@@ -244,7 +244,13 @@ class DatabaseWrapper(ReleasePerTransaction, postgresql.DatabaseWrapper):
         if pool is None:
             super()._close()  # type: ignore[misc]
             return
-        self._checkout.connection = None
+        checkout = self._checkout
+        checkout.connection = None
+        if connection.pool_entry.checkout_id != checkout.checkout_id:
+            # The pool took it back already: the thread that took it for this
+            # wrapper (against Django's thread-sharing rule) ended with it.
+            self.connection = None
+            return
         with self.wrap_database_errors:
             try:
                 pool.putconn(connection, close=self._discard_on_close)

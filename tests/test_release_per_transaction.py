@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import OperationalError, ProgrammingError, connection, transaction
+from django.db import OperationalError, ProgrammingError, connection, connections, transaction
 from django.db.backends.signals import connection_created
 from django.test.utils import CaptureQueriesContext
 
@@ -348,3 +348,31 @@ def test_a_transaction_opened_with_a_literal_begin_holds_the_connection_until_it
         assert cursor.fetchone()[0] == pid
         cursor.execute("COMMIT")
     assert per_transaction.stats()["pool_in_use"] == 0
+
+
+def test_a_wrapper_used_by_another_thread_against_the_rules_still_closes_cleanly(
+    per_transaction: Any, seeded_books: list[int]
+) -> None:
+    # Django's backends.tests.ThreadTests.test_pass_connection_between_threads:
+    # another thread takes a connection for this thread's wrapper, Django
+    # refuses the query there, and that thread ends still holding it.
+    Book.objects.get(pk=seeded_books[0])  # released: the wrapper has no connection
+    refused: list[Exception] = []
+
+    def other_thread(wrapper: Any) -> None:
+        from django.db import connections
+
+        connections["default"] = wrapper
+        try:
+            Book.objects.get(pk=seeded_books[0])
+        except Exception as exc:
+            refused.append(exc)
+
+    thread = threading.Thread(target=other_thread, args=[connections["default"]])
+    thread.start()
+    thread.join()
+    assert refused and "thread" in str(refused[0])
+    # The pool took that connection back when the thread ended.
+    assert eventually(lambda: per_transaction.stats()["pool_in_use"] == 0)
+    connection.close()
+    assert Book.objects.count() == 3
