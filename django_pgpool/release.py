@@ -154,7 +154,9 @@ class ReleasePerTransaction:
     # Set by get_new_connection() from the pool's ``release`` option.
     releases_per_transaction = False
     _released = False
-    _connecting = False
+    # Above 0 while Django is between taking a connection and using it
+    # (connect(), _cursor()): nothing may give it back meanwhile.
+    _holding = 0
     _open_cursors = 0
     _cursor_generation = 0
     _pins = 0
@@ -169,12 +171,22 @@ class ReleasePerTransaction:
     # ------------------------------------------------------------------ Django's hooks
 
     def connect(self) -> None:
-        self._connecting = True
+        self._holding += 1
         try:
             super().connect()  # type: ignore[misc]
         finally:
-            self._connecting = False
+            self._holding -= 1
         self._released = False
+
+    def _cursor(self, name: str | None = None) -> Any:
+        # Between ensure_connection() and create_cursor(), a statement run by
+        # something else (code wrapping ensure_connection()) must not give the
+        # connection back.
+        self._holding += 1
+        try:
+            return super()._cursor(name)  # type: ignore[misc]
+        finally:
+            self._holding -= 1
 
     def close(self) -> None:
         # The end of the request (or of the thread's work): pins end, and
@@ -266,7 +278,7 @@ class ReleasePerTransaction:
         if (
             not self.releases_per_transaction
             or self.connection is None
-            or self._connecting
+            or self._holding
             or self._open_cursors > 0
             or self.in_atomic_block
             or not self.autocommit
