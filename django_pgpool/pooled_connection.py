@@ -86,6 +86,8 @@ class Entry:
         "poller",
         "pool",
         "reset_pending",
+        "server",
+        "suspect",
     )
 
     def __init__(self, pool: ConnectionPool, conn: Any, lifetime: float | None) -> None:
@@ -120,6 +122,11 @@ class Entry:
         self.generation = pool.generation
         self.cursor_factory = conn.cursor_factory
         self.poller = _make_poller(conn)
+        #: The server it reached, "host:port" (one of several with a multi-host
+        #: HOST), and whether that server may have changed role or gone away
+        #: since: a suspect connection is checked before reuse (see roles.py).
+        self.server = f"{conn.info.host}:{conn.info.port}"
+        self.suspect = False
 
     def socket_has_data(self) -> bool:
         """Whether the server sent something to a connection nobody is using.

@@ -194,9 +194,48 @@ METRICS: tuple[MetricSpec, ...] = (
         'Connections pinned to a thread in release="transaction" mode.',
         counter=True,
     ),
+    # Role awareness and pause (roles.py, control.py).
+    MetricSpec("pool_paused", "django_pgpool_paused", "1 while the pool is paused, else 0."),
+    MetricSpec(
+        "connections_suspect",
+        "django_pgpool_connections_suspect",
+        "Connections to be checked before reuse because their server changed role or went away.",
+    ),
+    MetricSpec(
+        "server_events",
+        "django_pgpool_server_events",
+        "Times a server of the pool changed role or went away.",
+        counter=True,
+    ),
+    MetricSpec(
+        "connections_wrong_role",
+        "django_pgpool_connections_wrong_role",
+        "Connections retired because their server no longer had the role the alias asks for.",
+        counter=True,
+    ),
+    MetricSpec(
+        "statements_retried",
+        "django_pgpool_statements_retried",
+        "Autocommit statements retried on another connection after their server turned read-only.",
+        counter=True,
+    ),
 )
 
-_BY_STAT = {spec.stat: spec for spec in METRICS}
+#: What a replica alias of django_pgpool.routers.PrimaryReplicaRouter adds.
+REPLICA_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "replica_lag_seconds",
+        "django_pgpool_replica_lag_seconds",
+        "How far the replica is behind the primary, as last measured (-1: unknown).",
+    ),
+    MetricSpec(
+        "replica_healthy",
+        "django_pgpool_replica_healthy",
+        "1 while the router sends reads to the replica, 0 while it skips it.",
+    ),
+)
+
+_BY_STAT = {spec.stat: spec for spec in METRICS + REPLICA_METRICS}
 
 
 def _family(spec: MetricSpec) -> CounterMetricFamily | GaugeMetricFamily:
@@ -224,6 +263,7 @@ class Collector:
                 if spec is None:
                     # A statistic this module doesn't know yet is still exposed.
                     spec = MetricSpec(stat, f"django_pgpool_{stat}", f"Pool statistic {stat}.")
+                if stat not in families:  # that, or a replica's (REPLICA_METRICS)
                     families[stat] = _family(spec)
                 families[stat].add_metric([alias], value * spec.scale)
         yield from families.values()
