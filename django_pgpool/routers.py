@@ -22,12 +22,16 @@
   never waits for a measurement. A replica that fails is skipped from the
   next request on, and used again once it is healthy (each change is logged
   once, as a WARNING when it is skipped).
-- **Lag** is the age of the oldest write the replica has not replayed yet,
-  from two sides: the replica's own (time since the last transaction it
-  replayed, while it has received WAL it has not replayed) and the primary's
-  (the replica has not replayed the WAL position the primary had reached at
-  an earlier measurement: it is at least that old). The second catches a
-  replica whose link to the primary is cut, which on its own reports no lag.
+- **Lag** is how long ago the primary had written what the replica has not
+  replayed yet: each measurement reads the primary's WAL position first, then
+  each replica's replayed position; a replica that has not replayed what the
+  primary had written at an earlier measurement is at least that far behind
+  (to within ``check_interval``). This catches a replica whose link to the
+  primary is cut, which by itself would report no lag. While the primary
+  can't be read, and at the first measurement, the replica's own estimate is
+  used instead (the age of the last transaction it replayed, while it has
+  received WAL it has not replayed yet), which overstates the lag after a
+  quiet period.
 
 Each replica's lag and health appear in its alias's statistics
 (``replica_lag_seconds``, ``replica_healthy``), in the Prometheus metrics and
@@ -195,8 +199,10 @@ def _lsn_lag(history: Sequence[tuple[float, int]], replayed: int, now: float) ->
 class ReplicaMonitor:
     """Measures the replicas of one :class:`RouterSettings` (in its own thread once started)."""
 
-    def __init__(self, config: RouterSettings) -> None:
+    def __init__(self, config: RouterSettings, *, log: bool = True) -> None:
         self.config = config
+        #: Whether changes of health are logged (the process's monitor does).
+        self.log = log
         self.pid = os.getpid()
         self.health: dict[str, ReplicaHealth] = {}
         #: The replicas reads may go to now (replaced as a whole, read without a lock).
@@ -212,8 +218,12 @@ class ReplicaMonitor:
         self._thread = threading.Thread(target=self._run, name="pgpool-replicas", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop measuring; wait up to ``timeout`` for a measurement under way to end."""
         self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and thread.is_alive():
+            thread.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -244,7 +254,10 @@ class ReplicaMonitor:
         keep = 2 * self.config.max_lag + 10 * self.config.check_interval
         while self._history and now - self._history[0][0] > keep:
             self._history.popleft()
-        results = {alias: self._measure(alias) for alias in self.config.replicas}
+        results = {
+            alias: self._measure(alias, primary_position is not None)
+            for alias in self.config.replicas
+        }
         for alias, health in results.items():
             self._report(self.health.get(alias), health)
             pool = self._pool(alias)
@@ -289,34 +302,33 @@ class ReplicaMonitor:
             return None  # unreachable, or a standby: the replicas' own view must do
         return int(row[0])
 
-    def _measure(self, alias: str) -> ReplicaHealth:
+    def _measure(self, alias: str, primary_measured: bool) -> ReplicaHealth:
         try:
             row, server = self._query(alias, _REPLICA_STATE)
         except Exception as exc:
-            return ReplicaHealth(alias, False, None, "unreachable", exception_summary(exc))
+            detail = f"unreachable ({exception_summary(exc)})"
+            return ReplicaHealth(alias, False, None, "unreachable", detail)
         in_recovery, replayed, replay_age = row
         if not in_recovery:
-            return ReplicaHealth(
-                alias, False, None, "not a standby", "it is not in recovery (promoted?)", server
-            )
-        lag = float(replay_age or 0.0)
-        if replayed is not None and self._history:
-            lag = max(lag, _lsn_lag(self._history, int(replayed), time.monotonic()))
+            detail = "not a standby: it is not in recovery (promoted?)"
+            return ReplicaHealth(alias, False, None, "not a standby", detail, server)
+        if primary_measured and replayed is not None and len(self._history) > 1:
+            lag = _lsn_lag(self._history, int(replayed), time.monotonic())
+        else:
+            # No earlier position of the primary to compare with (the first
+            # measurement, or the primary can't be read): the replica's own view.
+            lag = float(replay_age or 0.0)
         if lag > self.config.max_lag:
-            detail = f"{lag:.1f} s behind the primary (max_lag {self.config.max_lag:g} s)"
+            detail = f"lagging {lag:.1f} s behind the primary (max_lag {self.config.max_lag:g} s)"
             return ReplicaHealth(alias, False, lag, "lagging", detail, server)
         return ReplicaHealth(alias, True, lag, "healthy", "", server)
 
     def _report(self, before: ReplicaHealth | None, now: ReplicaHealth) -> None:
-        if before is None:
-            if not now.healthy:
-                logger.warning(
-                    "replica %r skipped: %s (%s)", now.alias, now.state, now.detail or now.state
-                )
+        if not self.log:
             return
-        if before.healthy and not now.healthy:
-            logger.warning("replica %r skipped: %s (%s)", now.alias, now.state, now.detail)
-        elif now.healthy and not before.healthy:
+        if not now.healthy and (before is None or before.healthy):
+            logger.warning("replica %r skipped: %s", now.alias, now.detail)
+        elif now.healthy and before is not None and not before.healthy:
             logger.warning(
                 "replica %r used again: %.1f s behind the primary", now.alias, now.lag or 0.0
             )
