@@ -106,6 +106,8 @@ class _PoolErrorsPassThrough(DatabaseErrorWrapper):
     them would replace ``PoolTimeout`` by a plain ``OperationalError``.
     """
 
+    wrapper: DatabaseWrapper  # set by Django's __init__ (not in django-stubs)
+
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         if exc_type is not None:
             if issubclass(exc_type, PoolError):

@@ -120,27 +120,28 @@ def role_of(conn: Any, *, ask: bool = False) -> Role:
     return role
 
 
+_Status = Callable[[str], "str | None"]
+
+
 def _rejects_read_write(conn: Any) -> bool:
     # The two local reads every checkout of a read-write alias costs.
-    return (
-        conn.get_parameter_status("default_transaction_read_only") == "on"
-        or conn.get_parameter_status("in_hot_standby") == "on"
-    )
+    status: _Status = conn.get_parameter_status
+    return status("default_transaction_read_only") == "on" or status("in_hot_standby") == "on"
 
 
 def _rejects_primary(conn: Any) -> bool:
-    return conn.get_parameter_status("in_hot_standby") == "on"
+    status: _Status = conn.get_parameter_status
+    return status("in_hot_standby") == "on"
 
 
 def _rejects_read_only(conn: Any) -> bool:
-    return (
-        conn.get_parameter_status("default_transaction_read_only") == "off"
-        and conn.get_parameter_status("in_hot_standby") == "off"
-    )
+    status: _Status = conn.get_parameter_status
+    return status("default_transaction_read_only") == "off" and status("in_hot_standby") == "off"
 
 
 def _rejects_standby(conn: Any) -> bool:
-    return conn.get_parameter_status("in_hot_standby") == "off"
+    status: _Status = conn.get_parameter_status
+    return status("in_hot_standby") == "off"
 
 
 #: For each ``target_session_attrs`` that constrains the role after connect:
@@ -484,4 +485,5 @@ def note_error(conn: Any, exc: BaseException) -> str:
     entry = getattr(conn, "pool_entry", None)
     if entry is None:
         return ""
-    return entry.pool.roles.note_error(conn, exc)
+    watch: RoleWatch = entry.pool.roles
+    return watch.note_error(conn, exc)

@@ -241,7 +241,8 @@ def test_a_transaction_is_never_retried_but_the_next_one_gets_a_writable_server(
     make_read_only(first)
     with pytest.raises(DatabaseError) as refused, transaction.atomic(using=writable_alias):
         port_written(writable_alias)
-    assert refused.value.__cause__.pgcode == "25006"
+    cause = refused.value.__cause__
+    assert isinstance(cause, psycopg2.Error) and cause.pgcode == "25006"
     # Still within the request: the connection is replaced before the next
     # transaction begins, never in the middle of one.
     with transaction.atomic(using=writable_alias):
