@@ -216,7 +216,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "statements_retried",
         "django_pgpool_statements_retried",
-        "Autocommit statements retried on another connection after their server turned read-only.",
+        "Statements run again on another connection because their server turned read-only.",
         counter=True,
     ),
 )

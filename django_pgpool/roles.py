@@ -480,6 +480,22 @@ class RoleWatch:
         return values
 
 
+def reports_wrong_role(conn: Any) -> bool:
+    """Whether ``conn``'s server reported, with its last answer, a role its alias refuses.
+
+    Two local reads. When it did, the server's event starts (its other
+    connections become suspect), as after an error.
+    """
+    watch: RoleWatch = conn.pool_entry.pool.roles
+    rejects = watch._rejects
+    if rejects is None or not rejects(conn):
+        return False
+    if not conn.pool_entry.suspect:
+        role = role_of(conn)
+        watch.server_changed(conn, f"now reports {role.describe()}", role)
+    return True
+
+
 def note_error(conn: Any, exc: BaseException) -> str:
     """:meth:`RoleWatch.note_error` for a connection of any pool ("" for one of none)."""
     entry = getattr(conn, "pool_entry", None)

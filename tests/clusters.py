@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, connections, transaction
 
 from django_pgpool import registry
 from testsupport.pgserver import EmbeddedPostgres
@@ -69,12 +69,15 @@ class Write:
 
 
 @contextmanager
-def writers(alias: str, threads: int, *, pause: float = 0.0) -> Iterator[list[Write]]:
+def writers(
+    alias: str, threads: int, *, pause: float = 0.0, transactions: bool = False
+) -> Iterator[list[Write]]:
     """``threads`` threads writing one row each request on ``alias`` until the block ends.
 
     A request takes the thread's Django connection, runs one INSERT in
     autocommit (as ``Model.objects.create()`` does) and closes it, as a view
-    does. Yields the list the writes are recorded in.
+    does. With ``transactions``, every other thread reads, then writes, in
+    one transaction (``atomic()``). Yields the list the writes are recorded in.
     """
     results: list[Write] = []
     stop = threading.Event()
@@ -86,12 +89,21 @@ def writers(alias: str, threads: int, *, pause: float = 0.0) -> Iterator[list[Wr
             code: str | None = None
             port = 0
             try:
-                with db.cursor() as cursor:
-                    cursor.execute(
-                        "INSERT INTO writes (thread) VALUES (%s) RETURNING inet_server_port()",
-                        [index],
-                    )
-                    port = cursor.fetchone()[0]
+                if transactions and index % 2:
+                    with transaction.atomic(using=alias), db.cursor() as cursor:
+                        cursor.execute("SELECT count(*) FROM writes WHERE thread = %s", [index])
+                        cursor.execute(
+                            "INSERT INTO writes (thread) VALUES (%s) RETURNING inet_server_port()",
+                            [index],
+                        )
+                        port = cursor.fetchone()[0]
+                else:
+                    with db.cursor() as cursor:
+                        cursor.execute(
+                            "INSERT INTO writes (thread) VALUES (%s) RETURNING inet_server_port()",
+                            [index],
+                        )
+                        port = cursor.fetchone()[0]
             except DatabaseError as exc:
                 code = getattr(exc.__cause__, "pgcode", None) or ""
             finally:
