@@ -21,7 +21,7 @@ others become suspect, see :mod:`.roles`), and here:
 - **A transaction that began on a server turned read-only moves** before
   anyone sees its first result. Every answer carries the server's role (see
   :mod:`.roles`), that of the transaction's ``BEGIN`` included, so after the
-  first statement (a read, or it would have failed) two local reads tell
+  first statement (a read, or it would have failed) one local read tells
   whether the whole transaction is read-only; if it is, it is rolled back and
   begun again elsewhere, under the same conditions as a retry. Its writes
   then don't fail. Any statement whose answer reports the change starts the
@@ -35,7 +35,7 @@ others become suspect, see :mod:`.roles`), and here:
 All of it costs nothing on other aliases. On these, each statement passes
 through one more function (one of Django's ``execute_wrappers``) that looks at
 the statement's text in a cache, as transaction mode does, and reads the role
-its answer reported (two local reads).
+its answer reported (one local read).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def retry_read_only(
         if many or not db.may_retry_after(exc, begins):
             raise
     else:
-        # Every answer carries the server's role (two local reads). A
+        # Every answer carries the server's role (one local read). A
         # transaction that began on a server turned read-only can only read:
         # moved now, after its first statement (a read), before anyone saw
         # the result, its writes will not fail.

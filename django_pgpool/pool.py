@@ -268,9 +268,9 @@ class ConnectionPool(ThreadedConnectionPool):
         if entry.reset_pending and not self.connector.finish_reset(conn):
             return False
         # Role awareness (roles.py): only for an alias that asked for a role
-        # (two local reads), or for a connection whose server changed.
+        # (one local read), or for a connection whose server changed.
         roles = self.roles
-        if (entry.suspect or roles.required) and not roles.acceptable(conn):
+        if (entry.suspect or roles.rejects is not None) and not roles.acceptable(conn):
             return False
         if handed_over:
             return True

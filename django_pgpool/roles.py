@@ -14,9 +14,10 @@ requirement after connect:
   the answer to any statement (the session reset's included), and psycopg2
   keeps the latest values locally (``connection.get_parameter_status``). A
   connection whose server no longer has the role is retired before it is
-  handed out. Only aliases that asked for a role pay for the look-up (two
-  local reads); older servers and proxies that don't forward these parameters
-  are checked with a query when a connection is suspect (below).
+  handed out. Only aliases that asked for a role pay for the look-up (one
+  local read, of what can change under a live session); older servers and
+  proxies that don't forward these parameters are checked with a query when
+  a connection is suspect (below).
 - **One failure is enough.** An error that says the server changed role or
   went away (25006 on an alias that must be writable, 57P01/57P02/57P03, a
   lost connection) makes every connection of the pool to that server
@@ -122,16 +123,17 @@ def role_of(conn: Any, *, ask: bool = False) -> Role:
 
 _Status = Callable[[str], "str | None"]
 
+# What the checkout looks at, per requirement. A server never enters recovery
+# while it has sessions (a primary becomes a standby only through a restart,
+# which ends them), so on a live connection in_hot_standby can only go from
+# on to off (a promotion), and default_transaction_read_only either way (a
+# reload). Each requirement reads only what can break it: one local read
+# (about 0.2 µs in psycopg2), or none for "primary".
+
 
 def _rejects_read_write(conn: Any) -> bool:
-    # The two local reads every checkout of a read-write alias costs.
     status: _Status = conn.get_parameter_status
-    return status("default_transaction_read_only") == "on" or status("in_hot_standby") == "on"
-
-
-def _rejects_primary(conn: Any) -> bool:
-    status: _Status = conn.get_parameter_status
-    return status("in_hot_standby") == "on"
+    return status("default_transaction_read_only") == "on"
 
 
 def _rejects_read_only(conn: Any) -> bool:
@@ -145,12 +147,13 @@ def _rejects_standby(conn: Any) -> bool:
 
 
 #: For each ``target_session_attrs`` that constrains the role after connect:
-#: whether a connection's (locally known) role breaks it. Unknown values
-#: (a server that doesn't report them) break nothing here. ``any`` and
-#: ``prefer-standby`` accept whatever they connected to.
-REQUIREMENTS: dict[str, Callable[[Any], bool]] = {
+#: whether a connection's (locally known) role breaks it, as far as a live
+#: session's role can change. Unknown values (a server that doesn't report
+#: them) break nothing here. ``primary`` needs no look at checkout; ``any``
+#: and ``prefer-standby`` accept whatever they connected to.
+REQUIREMENTS: dict[str, Callable[[Any], bool] | None] = {
     "read-write": _rejects_read_write,
-    "primary": _rejects_primary,
+    "primary": None,
     "read-only": _rejects_read_only,
     "standby": _rejects_standby,
 }
@@ -211,7 +214,8 @@ class RoleWatch:
         self.name = pool.name
         #: The ``target_session_attrs`` kept after connect, or None.
         self.required = required
-        self._rejects = REQUIREMENTS.get(required) if required else None
+        #: What a checkout looks at (None: nothing, unless the connection is suspect).
+        self.rejects = REQUIREMENTS.get(required) if required else None
         #: Whether a write refused as read-only means the server changed role.
         self.requires_writable = requires_writable(required)
         self._lock = threading.Lock()
@@ -233,33 +237,32 @@ class RoleWatch:
     def acceptable(self, conn: Any) -> bool:
         """Whether ``conn``, about to be handed out, may be: its server still has the role.
 
-        The pool calls this only for an alias that asked for a role, or for a
-        suspect connection. A suspect one is checked with a round trip first
-        (which also brings its server's current role).
+        The pool calls this only for an alias whose role can change under a
+        live connection (:data:`REQUIREMENTS`), or for a suspect connection.
+        A suspect one is checked with a round trip first (which also brings
+        its server's current role; an old server is asked).
         """
         entry = conn.pool_entry
-        checked = False
-        if entry.suspect:
+        if not entry.suspect:
+            rejects = self.rejects
+            if rejects is None or not rejects(conn):
+                if entry.server != self._current_server:
+                    self._new_server(entry.server, conn)
+                return True
+            role = role_of(conn)
+        else:
             entry.suspect = False
             pool = self._pool()
             if pool is None or conn.closed or pool.connector.check(conn) is not None:
                 self.server_changed(conn, "went away (a connection to it failed its check)")
                 return False
-            checked = True
-        rejects = self._rejects
-        if rejects is not None:
-            # After a round trip, old servers are asked; otherwise two local reads.
-            role = role_of(conn, ask=True) if checked else None
-            if not self.accepts(role) if role is not None else rejects(conn):
-                role = role or role_of(conn)
-                self.add("connections_wrong_role")
-                self.server_changed(conn, f"now reports {role.describe()}", role)
-                return False
-            if entry.server != self._current_server:
-                self._new_server(entry.server, conn)
-        if checked or self._events:
-            self.server_answered(entry.server)
-        return True
+            role = role_of(conn, ask=self.required is not None)
+            if self.accepts(role):
+                self.server_answered(entry.server)
+                return True
+        self.add("connections_wrong_role")
+        self.server_changed(conn, f"now reports {role.describe()}", role)
+        return False
 
     def accepts(self, role: Role) -> bool:
         """Whether a server of ``role`` has what the alias asks for (unknown never refuses)."""
@@ -374,7 +377,7 @@ class RoleWatch:
             if conn.closed or pool.connector.check(conn) is not None:
                 pool.retire(conn, "its server went away")
                 continue
-            if self._rejects is not None and not self.accepts(role_of(conn, ask=True)):
+            if self.required is not None and not self.accepts(role_of(conn, ask=True)):
                 self.add("connections_wrong_role")
                 event.role = role_of(conn)
                 pool.retire(conn, "its server no longer has the role the alias asks for")
@@ -483,11 +486,11 @@ class RoleWatch:
 def reports_wrong_role(conn: Any) -> bool:
     """Whether ``conn``'s server reported, with its last answer, a role its alias refuses.
 
-    Two local reads. When it did, the server's event starts (its other
+    One local read. When it did, the server's event starts (its other
     connections become suspect), as after an error.
     """
     watch: RoleWatch = conn.pool_entry.pool.roles
-    rejects = watch._rejects
+    rejects = watch.rejects
     if rejects is None or not rejects(conn):
         return False
     if not conn.pool_entry.suspect:

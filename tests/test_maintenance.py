@@ -147,7 +147,11 @@ def test_a_pool_follows_the_control_file_from_the_moment_it_is_built(
         state = control.change(control_file, ["default"], paused=False)
         assert eventually(lambda: not pool.paused, timeout=5)
         assert eventually(
-            lambda: not control.pending(control_file, state.version, ["default"], idle=True)
+            lambda: (
+                control.answers(control_file)
+                and not control.pending(control_file, state.version, ["default"], idle=True)
+            ),
+            timeout=5,
         )
         (answer,) = control.answers(control_file)
         assert answer["pid"] == os.getpid() and answer["version"] == state.version
