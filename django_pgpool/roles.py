@@ -197,13 +197,10 @@ class _Event:
         self.logged = False
 
 
-#: Counters (and the gauge) :meth:`RoleWatch.stats` adds to the pool's statistics.
-STATISTICS = (
-    "server_events",
-    "connections_wrong_role",
-    "connections_suspect",
-    "statements_retried",
-)
+#: The counters :meth:`RoleWatch.stats` adds to the pool's statistics (with the
+#: gauge ``connections_suspect``, and a replica alias's ``replica_lag_seconds``
+#: and ``replica_healthy``).
+COUNTERS = ("server_events", "connections_wrong_role", "statements_retried")
 
 
 class RoleWatch:
@@ -220,9 +217,7 @@ class RoleWatch:
         self.requires_writable = requires_writable(required)
         self._lock = threading.Lock()
         self._events: dict[str, _Event] = {}
-        self._counts = dict.fromkeys(
-            ("server_events", "connections_wrong_role", "statements_retried"), 0
-        )
+        self._counts = dict.fromkeys(COUNTERS, 0)
         #: The server new connections reached last, to say when that changes.
         self._current_server: str | None = None
         #: ``(lag in seconds or None, healthy)`` for a replica alias, written by

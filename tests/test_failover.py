@@ -202,11 +202,15 @@ def test_a_terminated_session_makes_the_others_suspect_but_keeps_those_that_answ
 # ------------------------------------------------------------------ through Django
 
 
-@pytest.fixture
+@pytest.fixture(params=["request", "transaction"])
 def writable_alias(
-    servers: tuple[EmbeddedPostgres, EmbeddedPostgres], django_db_blocker: Any
+    servers: tuple[EmbeddedPostgres, EmbeddedPostgres],
+    django_db_blocker: Any,
+    request: pytest.FixtureRequest,
 ) -> Iterator[str]:
-    settings_dict = multi_host_settings(servers, "writable", min_size=2, max_size=4, timeout=5)
+    settings_dict = multi_host_settings(
+        servers, "writable", min_size=2, max_size=4, timeout=5, release=request.param
+    )
     with django_db_blocker.unblock(), aliases(writable=settings_dict):
         yield "writable"
 
