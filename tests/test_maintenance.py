@@ -160,9 +160,29 @@ def test_a_pool_follows_the_control_file_from_the_moment_it_is_built(
         assert eventually(lambda: pool.generation == generation + 1, timeout=5)
 
 
+SERVERS = {
+    # Two worker processes each, the pool's connections fewer than the threads.
+    "gunicorn": lambda port: [
+        sys.executable, "-m", "gunicorn", "testproject.wsgi:application",
+        "--worker-class", "gthread", "--workers", "2", "--threads", "4",
+        "--bind", f"127.0.0.1:{port}",
+    ],
+    "uvicorn": lambda port: [
+        sys.executable, "-m", "uvicorn", "testproject.asgi:application",
+        "--workers", "2", "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off",
+        "--log-level", "warning", "--no-access-log",
+    ],
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_pause_drain_resume_move_every_gunicorn_worker_to_the_new_primary(
-    server: ServerSettings, control_file: Path, tmp_path: Path, record_property: Any
+@pytest.mark.parametrize("server_name", sorted(SERVERS))
+def test_pause_drain_resume_move_every_worker_process_to_the_new_primary(
+    server: ServerSettings,
+    control_file: Path,
+    tmp_path: Path,
+    record_property: Any,
+    server_name: str,
 ) -> None:
     with primary_and_standby(server.password or None) as (primary, standby):
         execute(primary, "CREATE DATABASE shop")
@@ -181,12 +201,8 @@ def test_pause_drain_resume_move_every_gunicorn_worker_to_the_new_primary(
             TESTPROJECT_POOL=json.dumps({"max_size": 4, "timeout": 30}),
         )
         port = free_port()
-        args = [
-            sys.executable, "-m", "gunicorn", "testproject.wsgi:application",
-            "--worker-class", "gthread", "--workers", "2", "--threads", "4",
-            "--bind", f"127.0.0.1:{port}",
-        ]  # fmt: skip
-        with running(args, env=env, log_path=tmp_path / "gunicorn.log", port=port) as gunicorn:
+        args = SERVERS[server_name](port)
+        with running(args, env=env, log_path=tmp_path / "server.log", port=port) as process:
             replies: list[Reply] = []
             stop = threading.Event()
 
@@ -223,11 +239,11 @@ def test_pause_drain_resume_move_every_gunicorn_worker_to_the_new_primary(
                 stop.set()
                 for thread in clients:
                     thread.join()
-            log = gunicorn.log()
+            log = process.log()
     failed = [reply for reply in replies if reply.status != 200]
-    record_property("gunicorn_switchover_pause_seconds", round(paused_for, 2))
+    record_property(f"{server_name}_switchover_pause_seconds", round(paused_for, 2))
     print(
-        f"\ngunicorn switchover: paused {paused_for:.2f} s, {len(replies)} requests, "
+        f"\n{server_name} switchover: paused {paused_for:.2f} s, {len(replies)} requests, "
         f"{len(failed)} failed"
     )
     assert not failed, (failed[:3], log)
