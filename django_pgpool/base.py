@@ -30,12 +30,13 @@ from django.db.utils import DatabaseErrorWrapper  # noqa: E402
 from django.utils.asyncio import async_unsafe  # noqa: E402
 from django.utils.functional import cached_property  # noqa: E402
 
-from . import registry  # noqa: E402
+from . import control, registry, roles  # noqa: E402
 from .client import DatabaseClient  # noqa: E402
 from .closing import inside_closing_connections  # noqa: E402
 from .config import parse_pool_options, pool_is_enabled  # noqa: E402
 from .creation import DatabaseCreation  # noqa: E402
 from .errors import PoolError  # noqa: E402
+from .failover import FailoverAware  # noqa: E402
 from .pool import ConnectionPool  # noqa: E402
 from .pooled_connection import evaluated, pool_of  # noqa: E402
 from .release import ReleasePerTransaction  # noqa: E402
@@ -105,13 +106,19 @@ class _PoolErrorsPassThrough(DatabaseErrorWrapper):
     them would replace ``PoolTimeout`` by a plain ``OperationalError``.
     """
 
+    wrapper: DatabaseWrapper  # set by Django's __init__ (not in django-stubs)
+
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
-        if exc_type is not None and issubclass(exc_type, PoolError):
-            return
+        if exc_type is not None:
+            if issubclass(exc_type, PoolError):
+                return
+            if issubclass(exc_type, psycopg2.Error):
+                # A server that changed role or went away (roles.py): free here.
+                roles.note_error(self.wrapper.connection, exc_value)
         super().__exit__(exc_type, exc_value, traceback)
 
 
-class DatabaseWrapper(ReleasePerTransaction, postgresql.DatabaseWrapper):
+class DatabaseWrapper(FailoverAware, ReleasePerTransaction, postgresql.DatabaseWrapper):
     client_class = DatabaseClient
     creation_class = DatabaseCreation
     # Set while closing a connection Django found unusable: the pool discards it.
@@ -234,6 +241,8 @@ class DatabaseWrapper(ReleasePerTransaction, postgresql.DatabaseWrapper):
         )
         alias = self.alias
         pool.on_event = lambda event, info: send_pool_event(alias, event, info)
+        # Pause, resume and drain from outside the process (PGPOOL_CONTROL_FILE).
+        control.adopt(alias, pool)
         return pool
 
     def _close(self) -> None:

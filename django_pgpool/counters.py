@@ -75,6 +75,8 @@ DISCARD_KINDS: tuple[tuple[str, str], ...] = (
     ("interrupted", "interrupted"),
     ("broken", "broken"),
     ("middle of a query", "broken"),
+    ("its server went away", "server_gone"),
+    ("role the alias asks for", "wrong_role"),
 )
 
 
@@ -268,7 +270,17 @@ def read(pool: ConnectionPool) -> Reading:
     """Everything ``pool`` counts, with its gauges, read in one locked step."""
     slots = pool.slots
     with slots.lock:
-        return pool.counters.read_locked(slots.gauges_locked())
+        reading = pool.counters.read_locked(slots.gauges_locked())
+    # Role awareness counts apart (roles.py): its counters, and its gauges
+    # (connections_suspect, a replica's lag and health).
+    from .roles import COUNTERS as ROLE_COUNTERS
+
+    for name, value in pool.roles.stats().items():
+        if name in ROLE_COUNTERS:
+            reading.values[name] = value
+        else:
+            reading.gauges[name] = value  # type: ignore[assignment]
+    return reading
 
 
 _timings_enabled = False

@@ -176,3 +176,13 @@ def too_many_requests_message(pool_name: str, waiting: int, max_size: int, max_w
         f"pool {pool_name!r}: {requests(waiting)} already waiting for one of its {max_size} "
         f"connections (max_waiting={max_waiting}); raise max_waiting or max_size, or shed load"
     )
+
+
+def paused_message(pool_name: str, waited_for: float, *, waiting: int, in_use: int) -> str:
+    """Why a request got no connection within ``timeout`` from a paused pool."""
+    return (
+        f"pool {pool_name!r}: no connection became available within {waited_for:g} s: the "
+        f"pool is paused (pool.pause() or manage.py pgpool pause) and {requests(waiting)} "
+        f"waiting, {in_use} connection(s) still in use. Resume it (pool.resume() or manage.py "
+        f"pgpool resume), or keep pauses shorter than OPTIONS['pool']['timeout']."
+    )

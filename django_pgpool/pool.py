@@ -42,6 +42,7 @@ from .errors import (
     PoolError,
     PoolTimeout,
     TooManyRequests,
+    paused_message,
     timeout_message,
     too_many_requests_message,
     unreachable_message,
@@ -55,6 +56,7 @@ from .pooled_connection import (
     Connector,
     exception_summary,
 )
+from .roles import RoleWatch, required_role
 from .slots import Slots, Waiter
 from .worker import Opener, Outage, Worker
 
@@ -110,6 +112,9 @@ class ConnectionPool(ThreadedConnectionPool):
         #: Set while new connections fail: requests then wait for the worker to
         #: reconnect instead of each hammering the server (or failing at once).
         self.outage = Outage()
+        #: The role the alias asks for (target_session_attrs), kept after connect,
+        #: and the servers that changed role or went away (roles.py).
+        self.roles = RoleWatch(self, required_role(connect_kwargs))
         self.opener = Opener(self)
         self.worker: Worker | None = None
         #: ``drain()`` starts a new one; connections of older ones are retired.
@@ -217,7 +222,7 @@ class ConnectionPool(ThreadedConnectionPool):
                 if not counted:
                     slots.counters.values["requests_num"] += 1
                     counted = True
-                if slots.idle and not slots.waiters:
+                if slots.idle and not slots.waiters and not slots.paused:
                     conn = slots.idle.pop()
                     slots.check_out_locked(conn)
                 else:
@@ -324,6 +329,11 @@ class ConnectionPool(ThreadedConnectionPool):
             if failed == RESET_LOST:
                 self._suspect_the_idle()
             return False
+        # Role awareness (roles.py): only for an alias that asked for a role
+        # (one local read), or for a connection whose server changed.
+        roles = self.roles
+        if (entry.suspect or roles.rejects is not None) and not roles.acceptable(conn):
+            return False
         if handed_over:
             return True
         # The common case, inline: recently used, not expired or drained,
@@ -421,16 +431,20 @@ class ConnectionPool(ThreadedConnectionPool):
         unreachable = self.outage.error
         if unreachable is not None:
             self.outage.waited_out = True
-        message = timeout_message(
-            self.name,
-            waited_for,
-            max_size=self.maxconn,
-            waiting=waiting,
-            in_use=in_use,
-            holders=holders,
-            unreachable=None if unreachable is None else exception_summary(unreachable),
-            unreachable_for=time.monotonic() - self.outage.since,
-            opening=opening,
+        message = (
+            paused_message(self.name, waited_for, waiting=waiting, in_use=in_use)
+            if slots.paused
+            else timeout_message(
+                self.name,
+                waited_for,
+                max_size=self.maxconn,
+                waiting=waiting,
+                in_use=in_use,
+                holders=holders,
+                unreachable=None if unreachable is None else exception_summary(unreachable),
+                unreachable_for=time.monotonic() - self.outage.since,
+                opening=opening,
+            )
         )
         self._emit(
             "pool_exhausted",
@@ -627,6 +641,7 @@ class ConnectionPool(ThreadedConnectionPool):
         and only after the socket is closed: the server never sees more than
         ``max_size`` connections.
         """
+        self.roles.retiring(conn)  # counted against its server's event, if any (roles.py)
         slots = self.slots
         slots.connections.pop(id(conn), None)
         self.connector.close(conn, reason)
@@ -873,6 +888,50 @@ class ConnectionPool(ThreadedConnectionPool):
         if self.worker is not None:
             self.worker.signal()
 
+    # Pause and resume (HikariCP's pool suspension); across processes: control.py.
+
+    @property
+    def paused(self) -> bool:
+        return self.slots.paused
+
+    def pause(self) -> None:
+        """Stop handing out connections until :meth:`resume`.
+
+        New checkouts wait (up to ``timeout``, first come first served);
+        connections in use carry on and come back as usual, and stay idle. For
+        planned maintenance: pause, wait until ``stats()["pool_in_use"]`` is 0,
+        switch servers, :meth:`drain`, resume.
+        """
+        with self.slots.lock:
+            if self.slots.paused or self.slots.closed:
+                return
+            self.slots.paused = True
+        logger.info("pool %r: paused (new checkouts wait until it is resumed)", self.name)
+
+    def resume(self) -> None:
+        """End a :meth:`pause`: waiting requests get connections, longest waiting first."""
+        slots = self.slots
+        now = time.monotonic()
+        with slots.lock:
+            if not slots.paused:
+                return
+            for conn in slots.idle:
+                # Handed straight to a waiter, it would skip the idle check.
+                if now - conn.pool_entry.last_used > self._check_window:
+                    conn.pool_entry.suspect = True
+            slots.resume_locked()
+            room = min(
+                slots.max_size - slots.size, len(slots.waiters) - slots.opening - slots.resetting
+            )
+            if self.outage.error is None:
+                for _ in range(max(0, room)):
+                    slots.size += 1
+                    slots.opening += 1
+                    self.opener.start_connector()
+        logger.info("pool %r: resumed", self.name)
+        if self.worker is not None:
+            self.worker.signal()
+
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Any]:
         """Take a connection for a ``with`` block run as one transaction: committed
@@ -898,7 +957,8 @@ class ConnectionPool(ThreadedConnectionPool):
         Names follow psycopg_pool's ``get_stats()`` where the meaning is the same.
         """
         with self.slots.lock:
-            return {**self.slots.gauges_locked(), **self.counters.snapshot()}
+            values = {**self.slots.gauges_locked(), **self.counters.snapshot()}
+        return {**values, **self.roles.stats()}
 
     get_stats = stats
 

@@ -87,7 +87,9 @@ class Entry:
         "poller",
         "pool",
         "reset_pending",
+        "server",
         "session_ended",
+        "suspect",
     )
 
     def __init__(self, pool: ConnectionPool, conn: Any, lifetime: float | None) -> None:
@@ -125,6 +127,11 @@ class Entry:
         self.generation = pool.generation
         self.cursor_factory = conn.cursor_factory
         self.poller = _make_poller(conn)
+        #: The server it reached, "host:port" (one of several with a multi-host
+        #: HOST), and whether that server may have changed role or gone away
+        #: since: a suspect connection is checked before reuse (see roles.py).
+        self.server = f"{conn.info.host}:{conn.info.port}"
+        self.suspect = False
         #: Set when the server announced the end of the session (a FATAL
         #: message between statements), maybe before closing its socket.
         self.session_ended = False

@@ -236,9 +236,50 @@ METRICS: tuple[MetricSpec, ...] = (
         'Connections pinned to a thread in release="transaction" mode.',
         counter=True,
     ),
+    # Role awareness and pause (roles.py, control.py).
+    MetricSpec("pool_paused", "django_pgpool_paused", "1 while the pool is paused, else 0."),
+    MetricSpec(
+        "connections_suspect",
+        "django_pgpool_connections_suspect",
+        "Connections to be checked before reuse because their server changed role or went away.",
+    ),
+    MetricSpec(
+        "server_events",
+        "django_pgpool_server_events",
+        "Times a server of the pool changed role or went away.",
+        counter=True,
+    ),
+    MetricSpec(
+        "connections_wrong_role",
+        "django_pgpool_connections_wrong_role",
+        "Connections retired because their server no longer had the role the alias asks for.",
+        counter=True,
+    ),
+    MetricSpec(
+        "statements_retried",
+        "django_pgpool_statements_retried",
+        "Statements run again on another connection because their server turned read-only.",
+        counter=True,
+    ),
 )
 
-_BY_STAT = {spec.stat: spec for spec in METRICS}
+#: What a replica alias of django_pgpool.routers.PrimaryReplicaRouter adds.
+REPLICA_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "replica_lag_seconds",
+        "django_pgpool_replica_lag_seconds",
+        "How far the replica is behind the primary, as last measured (-1: unknown).",
+        multiprocess_mode="max",
+    ),
+    MetricSpec(
+        "replica_healthy",
+        "django_pgpool_replica_healthy",
+        "1 while the router sends reads to the replica, 0 while it skips it.",
+        multiprocess_mode="liveall",
+    ),
+)
+
+_BY_STAT = {spec.stat: spec for spec in METRICS + REPLICA_METRICS}
 
 
 @dataclass(frozen=True)
@@ -344,9 +385,8 @@ class Collector:
                 for stat, value in values.items():
                     if stat in COVERED_BY_HISTOGRAMS:
                         continue
-                    spec = _BY_STAT.get(stat)
-                    if spec is None:
-                        spec = _unknown_spec(stat, counter)
+                    spec = _BY_STAT.get(stat) or _unknown_spec(stat, counter)
+                    if stat not in families:  # an unknown statistic, or a replica's
                         families[stat] = _family(spec)
                     families[stat].add_metric([alias], value * spec.scale)
             timings = reading.timings

@@ -66,6 +66,8 @@ class Slots:
         self.opening = 0
         #: Returned connections on their way back (their reset being sent).
         self.resetting = 0
+        #: pause(): new checkouts wait and returned connections stay idle.
+        self.paused = False
 
     # ------------------------------------------------------------------ taking
 
@@ -88,6 +90,7 @@ class Slots:
         """
         if (
             reachable
+            and not self.paused
             and self.size < self.max_size
             and len(self.waiters) >= self.resetting + self.opening
         ):
@@ -104,6 +107,7 @@ class Slots:
         """
         if (
             not self.closed
+            and not self.paused
             and self.size < self.max_size
             and len(self.waiters) > self.resetting + self.opening
         ):
@@ -198,8 +202,9 @@ class Slots:
 
         An idle connection goes on top of the stack (used next), or with
         ``least_recent`` at the bottom (a connection only checked, not used).
+        While paused, it stays idle.
         """
-        if self.waiters:
+        if self.waiters and not self.paused:
             waiter = self.waiters.popleft()
             waiter.conn = conn
             waiter.event.release()
@@ -222,11 +227,17 @@ class Slots:
         With requests waiting, the slot is refilled at once by ``refill`` (a
         connector opening a connection for the longest waiter), if given.
         """
-        if self.waiters and not self.closed and refill is not None:
+        if self.waiters and not self.closed and not self.paused and refill is not None:
             self.opening += 1
             refill()  # the slot stays counted
         else:
             self.size -= 1
+
+    def resume_locked(self) -> None:
+        """End a pause: idle connections go to the waiters, longest waiting first. Lock held."""
+        self.paused = False
+        while self.waiters and self.idle:
+            self.make_available_locked(self.idle.pop())
 
     def fail_longest_waiter_locked(self, error: BaseException) -> None:
         """Give ``error`` to the longest waiter (a connection it waited for cannot be opened)."""
@@ -266,4 +277,5 @@ class Slots:
             "pool_in_use": len(self.checked_out),
             "pool_resetting": self.resetting,
             "requests_waiting": len(self.waiters),
+            "pool_paused": int(self.paused),
         }

@@ -23,6 +23,10 @@ connection strategies:
   (PgBouncer in transaction mode);
 - ``TESTPROJECT_REPLICA_ROUTER=1``: reads go to the ``replica`` alias, writes
   to ``default`` (:mod:`testproject.routers`);
+- ``TESTPROJECT_TARGET_SESSION_ATTRS``: ``OPTIONS["target_session_attrs"]``
+  (with a multi-host ``TESTPROJECT_DB_HOST`` / ``TESTPROJECT_DB_PORT``);
+- ``TESTPROJECT_CONTROL_FILE``: ``PGPOOL_CONTROL_FILE`` (``manage.py pgpool
+  pause|resume|drain`` reach every process);
 - ``TESTPROJECT_PROMETHEUS=<seconds>``: the pools' Prometheus metrics on
   ``/metrics`` (:mod:`testproject.metrics`; in multiprocess mode, written every
   that many seconds);
@@ -96,6 +100,8 @@ if _engine == "django_pgpool" or _pool is not False:
     _options["pool"] = _pool
 if os.environ.get("TESTPROJECT_APPLICATION_NAME"):
     _options["application_name"] = os.environ["TESTPROJECT_APPLICATION_NAME"]
+if os.environ.get("TESTPROJECT_TARGET_SESSION_ATTRS"):
+    _options["target_session_attrs"] = os.environ["TESTPROJECT_TARGET_SESSION_ATTRS"]
 
 _default = SERVER.django_database(
     engine=_engine,
@@ -120,6 +126,9 @@ DATABASES = {
 
 if os.environ.get("TESTPROJECT_REPLICA_ROUTER"):
     DATABASE_ROUTERS = ["testproject.routers.PrimaryReplicaRouter"]
+
+if os.environ.get("TESTPROJECT_CONTROL_FILE"):
+    PGPOOL_CONTROL_FILE = os.environ["TESTPROJECT_CONTROL_FILE"]
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -33,6 +33,19 @@
     be reached it assumes PostgreSQL's defaults and says so. ``--max-size``
     tries other values for the alias; the other pooled aliases on the same
     server count with their own.
+
+``manage.py pgpool pause|resume|drain [--database ALIAS] [--wait SECONDS]``
+    Pause, resume or drain the pools of every process of the deployment
+    through ``settings.PGPOOL_CONTROL_FILE`` (:mod:`django_pgpool.control`).
+    ``--wait``: wait until every process applied it (and, for ``pause``,
+    finished with every connection); exit status 1 if they did not in time.
+``manage.py pgpool status [--json]``
+    The control file, and what each process answered: paused or not,
+    connections in use, the servers its connections reach.
+
+``manage.py pgpool replicas [--json]``
+    Measure the replicas of ``settings.PGPOOL_ROUTER`` once: their state and
+    lag. Exit status 1 if one of them would be skipped.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ from django.db import Error as DjangoDatabaseError
 from django.db import connections
 
 import django_pgpool
-from django_pgpool import capacity, registry, watch
+from django_pgpool import capacity, control, registry, routers, watch
 from django_pgpool.config import parse_pool_options, pool_is_enabled
 from django_pgpool.counters import enable_timings
 
@@ -105,12 +118,21 @@ class Command(BaseCommand):
         parser.add_argument(
             "action",
             nargs="?",
-            choices=("show", "check", "size"),
+            choices=("show", "check", "size", "pause", "resume", "drain", "status", "replicas"),
             default="show",
             help="'show' (default): the pools of this process; 'check': connect and "
             "compare the pool sizes with the server's max_connections; 'size': the "
             "connections of a deployment of --machines x --processes, directly and "
-            "through PgBouncer.",
+            "through PgBouncer; 'pause', 'resume', 'drain': the pools of every process "
+            "(settings.PGPOOL_CONTROL_FILE); 'status': what every process answered; "
+            "'replicas': the health and lag of the router's replicas.",
+        )
+        parser.add_argument(
+            "--wait",
+            type=float,
+            metavar="SECONDS",
+            help="pause, resume, drain: wait until every process applied it (pause: and "
+            "finished with its connections); exit status 1 if not in time.",
         )
         parser.add_argument(
             "--database",
@@ -209,6 +231,10 @@ class Command(BaseCommand):
             self._check(options)
         elif options["action"] == "size":
             self._size(options)
+        elif options["action"] in ("pause", "resume", "drain", "status"):
+            self._control(options)
+        elif options["action"] == "replicas":
+            self._replicas(options)
         elif options["watch"]:
             self._watch(options)
         else:
@@ -623,6 +649,99 @@ class Command(BaseCommand):
                 f"processes, all machines together."
             )
         self.stdout.write("\n".join(lines))
+
+    # ------------------------------------------------------------------ pause, resume, drain
+
+    def _control(self, options: dict[str, Any]) -> None:
+        path = control.configured_path()
+        if path is None:
+            raise CommandError(
+                f"settings.{control.SETTING} is not set: name a file that every process of "
+                f"the deployment can read and this command can write (for example "
+                f"'/run/shop/pgpool-control.json'), then restart the processes."
+            )
+        action = options["action"]
+        if action == "status":
+            self._write_status(path, options["json"])
+            return
+        aliases = self._pooled_aliases(options["database"])
+        state = control.change(
+            path,
+            aliases,
+            paused={"pause": True, "resume": False}.get(action),
+            drain=action == "drain",
+        )
+        done = {"pause": "paused", "resume": "resumed", "drain": "drained"}[action]
+        what = ", ".join(repr(alias) for alias in aliases)
+        self.stdout.write(f"{what} {done} in {path} (version {state.version}).")
+        if options["wait"] is None:
+            return
+        left = control.wait_for(
+            path, state.version, aliases, idle=action == "pause", timeout=options["wait"]
+        )
+        if left:
+            raise CommandError(
+                f"Not every process followed within {options['wait']:g} s: " + "; ".join(left)
+            )
+        processes = len(control.answers(path))
+        idle = ", with no connection in use" if action == "pause" else ""
+        self.stdout.write(f"Every process ({processes}) followed{idle}.")
+
+    def _write_status(self, path: str, as_json: bool) -> None:
+        state = control.read_state(path)
+        answers = control.answers(path)
+        if as_json:
+            self.stdout.write(
+                json.dumps({"control": state.as_dict(), "processes": answers}, indent=2)
+            )
+            return
+        lines = [f"control file {path} (version {state.version})"]
+        for alias, alias_state in sorted(state.aliases.items()):
+            lines.append(
+                f"  {alias}: {'paused' if alias_state.paused else 'running'}, "
+                f"drained {alias_state.drains} time(s)"
+            )
+        lines.append(f"{len(answers)} process(es):")
+        for answer in answers:
+            for alias, info in sorted((answer.get("aliases") or {}).items()):
+                servers = ", ".join(
+                    f"{server} ({count})" for server, count in sorted(info["servers"].items())
+                )
+                lines.append(
+                    f"  {answer['host']} pid {answer['pid']} version {answer['version']} "
+                    f"{alias}: {'paused' if info['paused'] else 'running'}, "
+                    f"{info['in_use']} in use, {info['waiting']} waiting, "
+                    f"connections to {servers or 'none'}"
+                )
+        self.stdout.write("\n".join(lines))
+
+    # ------------------------------------------------------------------ replicas
+
+    def _replicas(self, options: dict[str, Any]) -> None:
+        try:
+            config = routers.read_settings()
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
+        results = routers.ReplicaMonitor(config, log=False).measure()
+        if options["json"]:
+            report = {
+                "primary": config.primary,
+                "max_lag": config.max_lag,
+                "replicas": {alias: health.as_dict() for alias, health in results.items()},
+            }
+            self.stdout.write(json.dumps(report, indent=2))
+        else:
+            lines = [f"primary {config.primary!r}, max_lag {config.max_lag:g} s"]
+            for alias, health in results.items():
+                lag = "-" if health.lag is None else f"{health.lag:.2f} s"
+                detail = f": {health.detail}" if health.detail else ""
+                lines.append(
+                    f"  {alias}: {health.state}, lag {lag}, server {health.server or '-'}{detail}"
+                )
+            self.stdout.write("\n".join(lines))
+        skipped = [alias for alias, health in results.items() if not health.healthy]
+        if skipped:
+            raise CommandError(f"Reads skip {', '.join(map(repr, skipped))}.")
 
 
 class _ServerView:
