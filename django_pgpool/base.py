@@ -92,7 +92,7 @@ def _give_back_if_abandoned(checkout: _Checkout) -> None:
     connection = checkout.connection
     pool = pool_of(connection)
     if pool is not None:
-        pool.reclaim_abandoned(
+        pool.abandoned.reclaim(
             connection,
             checkout.checkout_id,
             "its Django connection object was garbage collected without being closed",

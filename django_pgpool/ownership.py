@@ -21,15 +21,17 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
 
 from . import process
-from .pooled_connection import TRANSACTION_IDLE
+from .pooled_connection import OPEN_TRANSACTION_STATUSES, TRANSACTION_IDLE
 
 if TYPE_CHECKING:
     from .counters import Counters
+    from .pool import ConnectionPool
     from .pooled_connection import Entry
 
 logger = logging.getLogger("django_pgpool")
@@ -70,7 +72,7 @@ class ThreadLease:
         for conn, keep_if, checkout_id in list(self.connections.values()):
             if keep_if is not None and keep_if():
                 continue  # handed on to another thread, which will return it
-            conn.pool_entry.pool.reclaim_abandoned(
+            conn.pool_entry.pool.abandoned.reclaim(
                 conn, checkout_id, f"thread {self.thread_name!r} ended"
             )
 
@@ -227,3 +229,76 @@ class OpenTransactionReports:
             "an aborted transaction" if aborted else "a transaction",
             since,
         )
+
+
+class Abandoned:
+    """Taking back the connections of one pool whose holder went away without returning them."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool_ref = weakref.ref(pool)
+        self._logged = False
+
+    def reclaim(
+        self,
+        conn: Any,
+        checkout_id: int,
+        holder: str,
+        # Bound now: at interpreter exit, when finalizers still run, module
+        # globals such as ``os`` may already be gone.
+        _getpid: Callable[[], int] = os.getpid,
+        _finalizing: Callable[[], bool] = sys.is_finalizing,
+    ) -> None:
+        """Take back ``conn``, checked out as ``checkout_id`` by ``holder``, now gone.
+
+        For finalizers (a thread that ended, a garbage-collected Django
+        wrapper), so it never takes the pool's lock: a finalizer may run in a
+        thread that holds it. The worker does the rest, including the reset;
+        ``checkout_id`` makes sure that a connection returned and checked out
+        again since is left alone.
+        """
+        pool = self._pool_ref()
+        if pool is None or pool.pid != _getpid():
+            return  # gone, or inherited through fork: the parent's
+        if _finalizing():
+            # The interpreter is shutting down and other threads are being torn
+            # down: touching connections now can hang, and the OS closes them.
+            return
+        worker = pool.worker
+        if pool.closed or worker is None:
+            with suppress(Exception):
+                conn.close()
+            return
+        worker.submit(self._take_back, conn, checkout_id, holder)
+
+    def _take_back(self, conn: Any, checkout_id: int, holder: str) -> None:
+        pool = self._pool_ref()
+        if pool is None:
+            return
+        entry = conn.pool_entry
+        slots = pool.slots
+        with slots.lock:
+            still_out = id(conn) in slots.checked_out and entry.checkout_id == checkout_id
+            if still_out:
+                slots.counters.values["connections_reclaimed"] += 1
+                first, self._logged = not self._logged, True
+        if not still_out:
+            return  # returned in the meantime
+        in_transaction = conn.info.transaction_status in OPEN_TRANSACTION_STATUSES
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "pool %r: a connection was never returned (%s); the pool took it back. Close "
+            "connections when you are done with them (django.db.connection.close(), or "
+            "close_old_connections() in threads you start) to return them sooner.",
+            pool.name,
+            holder,
+        )
+        if in_transaction:
+            # Rolling back would wait for the server, in the worker, on a
+            # connection whose holder vanished mid-transaction (perhaps as its
+            # network went silent); closing it ends the transaction just as
+            # well (the server rolls it back) and never waits.
+            pool.retire_checked_out(conn, "its holder ended in the middle of a transaction")
+            return
+        # Whatever the holder left (session settings) goes.
+        entry.dirty = True
+        pool.putconn(conn)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,7 +31,6 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import psycopg2
-import psycopg2.extensions as ext
 from psycopg2.pool import ThreadedConnectionPool
 
 from . import observers, ownership, process, validation
@@ -47,15 +45,9 @@ from .errors import (
     too_many_requests_message,
     unreachable_message,
 )
+from .liveness import Liveness
 from .observers import WATCHING
-from .pooled_connection import (
-    OPEN_TRANSACTION_STATUSES,
-    RESET_LOST,
-    TRANSACTION_IDLE,
-    UNUSABLE_STATUSES,
-    Connector,
-    exception_summary,
-)
+from .pooled_connection import TRANSACTION_IDLE, Connector, exception_summary
 from .roles import RoleWatch, required_role
 from .slots import Slots, Waiter
 from .worker import Opener, Outage, Worker
@@ -65,10 +57,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_pgpool")
 
-#: A connection idle for less than this is handed out without even the local
-#: socket check: it worked a moment ago, and at this timescale a server-side
-#: kill may not have reached the socket yet anyway.
-SOCKET_CHECK_AFTER = 0.001
+
+def _kept_in_slots(name: str) -> Any:
+    """A pool attribute of psycopg2's, read from and written to ``pool.slots``."""
+    return property(
+        lambda pool: getattr(pool.slots, name),
+        lambda pool, value: setattr(pool.slots, name, value),
+    )
 
 
 class ConnectionPool(ThreadedConnectionPool):
@@ -108,6 +103,7 @@ class ConnectionPool(ThreadedConnectionPool):
             session_sql=session_sql,
             session_params=session_params,
             prepare=prepare,
+            transaction_reports=ownership.OpenTransactionReports(self.name, self.counters),
         )
         #: Set while new connections fail: requests then wait for the worker to
         #: reconnect instead of each hammering the server (or failing at once).
@@ -123,37 +119,17 @@ class ConnectionPool(ThreadedConnectionPool):
         #: request times out ("pool_exhausted") or a connection is closed for a
         #: reason other than the pool closing ("connection_discarded").
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        #: What is checked before a connection is handed out (liveness.py).
+        self.liveness = Liveness(self)
+        #: Connections whose holder went away without returning them (ownership.py).
+        self.abandoned = ownership.Abandoned(self)
         self._pid = os.getpid()
-        self._check_window = 0.0 if config.check_every_checkout else config.check_after_idle
-        self._suspect_before = 0.0  # connections last used before this get a round-trip check
-        self._reclaim_logged = False
-        self._transaction_reports = ownership.OpenTransactionReports(self.name, self.counters)
         process.track(self)
 
     # psycopg2's pool attributes, kept in the slots.
-    @property
-    def closed(self) -> bool:
-        return self.slots.closed
-
-    @closed.setter
-    def closed(self, value: bool) -> None:
-        self.slots.closed = value
-
-    @property
-    def minconn(self) -> int:
-        return self.slots.min_size
-
-    @minconn.setter
-    def minconn(self, value: int) -> None:
-        self.slots.min_size = value
-
-    @property
-    def maxconn(self) -> int:
-        return self.slots.max_size
-
-    @maxconn.setter
-    def maxconn(self, value: int) -> None:
-        self.slots.max_size = value
+    closed = _kept_in_slots("closed")
+    minconn = _kept_in_slots("min_size")
+    maxconn = _kept_in_slots("max_size")
 
     @property
     def pid(self) -> int:
@@ -255,7 +231,7 @@ class ConnectionPool(ThreadedConnectionPool):
             # Whether its reset is still to be read (before _ready() reads it), for observers.
             reset_pending = started and conn.pool_entry.reset_pending  # type: ignore[union-attr]
             try:
-                if self._ready(conn, waiter is not None, check):
+                if self.liveness.ready(conn, waiter is not None, check):
                     return self._hand_out(
                         conn,
                         key,
@@ -269,10 +245,10 @@ class ConnectionPool(ThreadedConnectionPool):
                 # Interrupted (a signal handler, gevent.Timeout) halfway
                 # through a check or reading its reset: the connection's state
                 # is unknown, so it goes, and its slot with it.
-                self._discard_checked_out(conn, "its checkout was interrupted")
+                self.retire_checked_out(conn, "its checkout was interrupted")
                 self.counters.add("requests_errors")
                 raise
-            self._discard_checked_out(conn, "it failed its check")
+            self.retire_checked_out(conn, "it failed its check")
 
     def _refuse_if_unreachable_locked(self) -> None:
         """Fail a request at once while the pool knows the database is down. Lock held.
@@ -298,15 +274,7 @@ class ConnectionPool(ThreadedConnectionPool):
         )
 
     def _argument(self, call: str, name: str, value: Any, validate: Callable[..., Any]) -> Any:
-        """``validate(value)``, or a ``ValueError`` / ``TypeError`` naming the pool and call."""
-        try:
-            return validate(value)
-        except validation.InvalidValue as exc:
-            shown = validation.describe(value, with_type=exc.wrong_type)
-            error = TypeError if exc.wrong_type else ValueError
-            raise error(
-                f"pool {self.name!r}: {call}({name}={shown}) is invalid: {name} {exc}."
-            ) from None
+        return validation.argument(f"pool {self.name!r}: {call}", name, value, validate)
 
     def _refuse_if_queue_full_locked(self) -> None:
         max_waiting = self.config.max_waiting
@@ -316,97 +284,6 @@ class ConnectionPool(ThreadedConnectionPool):
             raise TooManyRequests(
                 too_many_requests_message(self.name, waiting, self.maxconn, max_waiting)
             )
-
-    def _ready(self, conn: Any, handed_over: bool, check: bool | None) -> bool:
-        """Whether a connection just taken may be handed out.
-
-        Its reset, if one was sent when it was returned, is finished first.
-        One handed over by a returning thread or a connector is fresh; one
-        taken from the idle stack is checked as its idle time requires.
-        """
-        entry = conn.pool_entry
-        if entry.reset_pending and (failed := self.connector.finish_reset(conn)):
-            if failed == RESET_LOST:
-                self._suspect_the_idle()
-            return False
-        # Role awareness (roles.py): only for an alias that asked for a role
-        # (one local read), or for a connection whose server changed.
-        roles = self.roles
-        if (entry.suspect or roles.rejects is not None) and not roles.acceptable(conn):
-            return False
-        if handed_over:
-            return True
-        # The common case, inline: recently used, not expired or drained,
-        # nothing unexpected on its socket. No round trip.
-        now = time.monotonic()
-        last_used = entry.last_used
-        idle_for = now - last_used
-        if check is None:
-            window = self._check_window
-        else:
-            window = 0.0 if check else self.config.check_after_idle
-        return (
-            idle_for <= window
-            and last_used >= self._suspect_before
-            and now < entry.expires_at
-            and entry.generation == self.generation
-            and not conn.closed
-            and (idle_for < SOCKET_CHECK_AFTER or not entry.socket_has_data())
-        ) or self._is_usable(conn, now, window)
-
-    def _is_usable(self, conn: Any, now: float, window: float) -> bool:
-        """Whether an idle connection may be handed out, with a round trip only if needed."""
-        entry = conn.pool_entry
-        if conn.closed or entry.generation != self.generation:
-            return False
-        if now >= entry.expires_at:
-            self.counters.add("connections_expired")
-            return False
-        if (
-            now - entry.last_used <= window
-            and entry.last_used >= self._suspect_before
-            and not entry.socket_has_data()
-        ):
-            return True
-        return self._check(conn)
-
-    def _check(self, conn: Any) -> bool:
-        """A round-trip check; a failure makes every idle connection suspect."""
-        if self.connector.check(conn) is None:
-            return True
-        self._suspect_the_idle()
-        return False
-
-    def _suspect_the_idle(self) -> None:
-        """A connection was found dead: check the others that sat idle beside it."""
-        # Whatever killed this one (a restart, pg_terminate_backend, a network
-        # cut) probably hit the others that sat idle beside it.
-        self._suspect_before = time.monotonic()
-        self._submit(self._check_suspects)
-
-    def _check_suspects(self) -> None:
-        """Worker task: after a dead connection was found, check the others that sat idle."""
-        suspect_before = self._suspect_before
-        self.check_idle(
-            self.slots.take_idle(
-                lambda idle: [c for c in idle if c.pool_entry.last_used < suspect_before]
-            )
-        )
-
-    def check_idle(self, conns: list[Any], *, keepalive: bool = False) -> None:
-        """Check idle connections taken out of the pool, all within one bounded wait.
-
-        Those that answer go back (a keepalive puts them back at the bottom of
-        the idle stack, where it found them); the others are retired.
-        """
-        if not conns:
-            return
-        errors = self.connector.check_all(conns, keepalive=keepalive)
-        for conn, error in zip(conns, errors, strict=True):
-            if error is not None:
-                self.retire(conn, "it failed its check")
-            elif not self.slots.make_available(conn, least_recent=keepalive):
-                self.retire(conn, "the pool was closed")
 
     def _wait(self, waiter: Waiter, wait_started: float, timeout: float | None) -> Any:
         """Wait until a connection is handed to ``waiter``; return it checked out."""
@@ -506,7 +383,7 @@ class ConnectionPool(ThreadedConnectionPool):
             ownership.note_leak_returned(self.name, entry, now)
         # What the connection itself says, before taking the lock: all local
         # state, no round trip.
-        problem, needs_reset = self._return_state(conn, close, now)
+        problem, needs_reset = self.connector.returned(conn, close, now)
         slots = self.slots
         with slots.lock:
             checked_out = slots.checked_out.pop(id(conn), None) is not None
@@ -560,21 +437,6 @@ class ConnectionPool(ThreadedConnectionPool):
                 f"pool it was taken from"
             )
         return conn
-
-    def _return_state(self, conn: Any, close: bool, now: float) -> tuple[str, bool]:
-        """(why it must go, or ""; whether it needs a reset) for a returned connection."""
-        if close:
-            return "the caller asked to close it", False
-        if conn.closed:
-            return "it was closed or broken", False
-        status = conn.get_transaction_status()
-        if status in UNUSABLE_STATUSES:
-            why = "it was returned in the middle of a query or with its server connection lost"
-            return why, False
-        if status in OPEN_TRANSACTION_STATUSES:
-            aborted = status == ext.TRANSACTION_STATUS_INERROR
-            self._transaction_reports.report(conn, aborted, now)
-        return "", self.connector.needs_reset(conn, status)
 
     def _returned_twice(self, conn: Any) -> None:
         if self._pid != os.getpid():
@@ -658,7 +520,8 @@ class ConnectionPool(ThreadedConnectionPool):
         reachable = self.outage.error is None
         self.slots.release_locked(self.opener.start_connector if reachable else None)
 
-    def _discard_checked_out(self, conn: Any, reason: str) -> None:
+    def retire_checked_out(self, conn: Any, reason: str) -> None:
+        """Retire a connection that is checked out (its holder won't return it)."""
         entry = conn.pool_entry
         with self.slots.lock:
             self.slots.checked_out.pop(id(conn), None)
@@ -668,70 +531,6 @@ class ConnectionPool(ThreadedConnectionPool):
                 entry.key = None
         ownership.end_lease(entry, conn)
         self.retire(conn, reason)
-
-    # ------------------------------------------------------------------ abandoned connections
-
-    def reclaim_abandoned(
-        self,
-        conn: Any,
-        checkout_id: int,
-        holder: str,
-        # Bound now: at interpreter exit, when finalizers still run, module
-        # globals such as ``os`` may already be gone.
-        _getpid: Callable[[], int] = os.getpid,
-        _finalizing: Callable[[], bool] = sys.is_finalizing,
-    ) -> None:
-        """Take back a connection whose holder is gone without returning it.
-
-        For finalizers (a thread that ended, a garbage-collected Django
-        wrapper), so it never takes the pool's lock: a finalizer may run in a
-        thread that holds it. The worker does the rest, including the reset;
-        ``checkout_id`` makes sure that a connection returned and checked out
-        again since is left alone.
-        """
-        if self._pid != _getpid():
-            return  # inherited through fork: the parent's
-        if _finalizing():
-            # The interpreter is shutting down and other threads are being torn
-            # down: touching connections now can hang, and the OS closes them.
-            return
-        worker = self.worker
-        if self.closed or worker is None:
-            with suppress(Exception):
-                conn.close()
-            return
-        worker.submit(self._take_back_abandoned, conn, checkout_id, holder)
-
-    def _take_back_abandoned(self, conn: Any, checkout_id: int, holder: str) -> None:
-        entry = conn.pool_entry
-        slots = self.slots
-        with slots.lock:
-            still_out = id(conn) in slots.checked_out and entry.checkout_id == checkout_id
-            if still_out:
-                slots.counters.values["connections_reclaimed"] += 1
-                first = not self._reclaim_logged
-                self._reclaim_logged = True
-        if not still_out:
-            return  # returned in the meantime
-        in_transaction = conn.info.transaction_status in OPEN_TRANSACTION_STATUSES
-        logger.log(
-            logging.WARNING if first else logging.DEBUG,
-            "pool %r: a connection was never returned (%s); the pool took it back. Close "
-            "connections when you are done with them (django.db.connection.close(), or "
-            "close_old_connections() in threads you start) to return them sooner.",
-            self.name,
-            holder,
-        )
-        if in_transaction:
-            # Rolling back would wait for the server, in the worker, on a
-            # connection whose holder vanished mid-transaction (perhaps as its
-            # network went silent); closing it ends the transaction just as
-            # well (the server rolls it back) and never waits.
-            self._discard_checked_out(conn, "its holder ended in the middle of a transaction")
-            return
-        # Whatever the holder left (session settings) goes.
-        entry.dirty = True
-        self.putconn(conn)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -755,7 +554,7 @@ class ConnectionPool(ThreadedConnectionPool):
             self.worker = Worker(self)
         self.worker.start()
 
-    def _submit(self, task: Callable[..., Any], *args: Any) -> None:
+    def submit(self, task: Callable[..., Any], *args: Any) -> None:
         """Have the worker run ``task(*args)`` (or run it here if there is no worker)."""
         worker = self.worker
         if worker is not None and worker.alive:
@@ -859,18 +658,24 @@ class ConnectionPool(ThreadedConnectionPool):
             surplus: list[Any] = []
             while slots.size - len(surplus) > new_max and slots.idle:
                 surplus.append(slots.idle.pop(0))
-            # Room to grow: open connections for the waiting requests now.
-            room = min(new_max - slots.size, len(slots.waiters) - slots.opening)
-            if self.outage.error is None:
-                for _ in range(max(0, room)):
-                    slots.size += 1
-                    slots.opening += 1
-                    self.opener.start_connector()
+            self._open_for_waiters_locked()  # room to grow
         for conn in surplus:
             self.retire(conn, "the pool was resized")
         logger.info("pool %r: resized to min_size=%d, max_size=%d", self.name, new_min, new_max)
         if self.worker is not None:
             self.worker.signal()
+
+    def _open_for_waiters_locked(self) -> None:
+        """Open connections now for the waiting requests the pool has room for. Lock held."""
+        slots = self.slots
+        room = min(
+            slots.max_size - slots.size, len(slots.waiters) - slots.opening - slots.resetting
+        )
+        if self.outage.error is None:
+            for _ in range(max(0, room)):
+                slots.size += 1
+                slots.opening += 1
+                self.opener.start_connector()
 
     def drain(self) -> None:
         """Retire every current connection gracefully.
@@ -917,17 +722,10 @@ class ConnectionPool(ThreadedConnectionPool):
                 return
             for conn in slots.idle:
                 # Handed straight to a waiter, it would skip the idle check.
-                if now - conn.pool_entry.last_used > self._check_window:
+                if now - conn.pool_entry.last_used > self.liveness.check_window:
                     conn.pool_entry.suspect = True
             slots.resume_locked()
-            room = min(
-                slots.max_size - slots.size, len(slots.waiters) - slots.opening - slots.resetting
-            )
-            if self.outage.error is None:
-                for _ in range(max(0, room)):
-                    slots.size += 1
-                    slots.opening += 1
-                    self.opener.start_connector()
+            self._open_for_waiters_locked()
         logger.info("pool %r: resumed", self.name)
         if self.worker is not None:
             self.worker.signal()

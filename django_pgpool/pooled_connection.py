@@ -32,6 +32,7 @@ from . import libpq, network, validation
 if TYPE_CHECKING:
     from .config import PoolConfig
     from .counters import Counters
+    from .ownership import OpenTransactionReports
     from .pool import ConnectionPool
 
 logger = logging.getLogger("django_pgpool")
@@ -266,10 +267,13 @@ class Connector:
         session_sql: str = "",
         session_params: Sequence[Any] = (),
         prepare: Callable[[Any], None] | None = None,
+        transaction_reports: OpenTransactionReports | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.counters = counters
+        #: Where a connection returned with its transaction open is reported.
+        self.transaction_reports = transaction_reports
         self.connect_kwargs = connect_kwargs
         self.session_settings = dict(session_settings or {})
         # Until a server or proxy proves otherwise.
@@ -480,6 +484,25 @@ class Connector:
         return None
 
     # ------------------------------------------------------------------ resetting
+
+    def returned(self, conn: Any, close: bool, now: float) -> tuple[str, bool]:
+        """(why it must go, or ""; whether it needs a reset) for a returned connection.
+
+        All local state, no round trip. A transaction left open is reported
+        (it is rolled back by the reset).
+        """
+        if close:
+            return "the caller asked to close it", False
+        if conn.closed:
+            return "it was closed or broken", False
+        status = conn.get_transaction_status()
+        if status in UNUSABLE_STATUSES:
+            why = "it was returned in the middle of a query or with its server connection lost"
+            return why, False
+        if status in OPEN_TRANSACTION_STATUSES and self.transaction_reports is not None:
+            aborted = status == ext.TRANSACTION_STATUS_INERROR
+            self.transaction_reports.report(conn, aborted, now)
+        return "", self.needs_reset(conn, status)
 
     def needs_reset(self, conn: Any, transaction_status: int) -> bool:
         """Whether a returned connection needs work before the next user gets it.

@@ -266,3 +266,14 @@ def describe(value: Any, *, with_type: bool = False) -> str:
     if callable(value):
         return describe_callable(value)
     return f"<{type(value).__name__}>"
+
+
+def argument(call: str, name: str, value: Any, validate: Callable[[Any], Any]) -> Any:
+    """``validate(value)`` for an argument of ``call``; a ``ValueError`` (or a
+    ``TypeError``, for a value of the wrong type) naming the call otherwise."""
+    try:
+        return validate(value)
+    except InvalidValue as exc:
+        shown = describe(value, with_type=exc.wrong_type)
+        error = TypeError if exc.wrong_type else ValueError
+        raise error(f"{call}({name}={shown}) is invalid: {name} {exc}.") from None

@@ -349,7 +349,7 @@ class Housekeeper:
                 if max(conn.pool_entry.last_used, conn.pool_entry.checked_at) <= quiet_since
             ]
 
-        pool.check_idle(pool.slots.take_idle(quiet), keepalive=True)
+        pool.liveness.check_idle(pool.slots.take_idle(quiet), keepalive=True)
 
     def replenish(self) -> None:
         """Open connections in the background.

@@ -635,7 +635,7 @@ def test_a_late_take_back_never_touches_a_later_checkout_of_the_same_connection(
     assert eventually(lambda: pool.stats()["connections_reclaimed"] == 1)
     again = pool.getconn()
     assert again is conn  # the only connection, checked out anew
-    pool.reclaim_abandoned(conn, first_checkout, "a late report of the first holder's end")
+    pool.abandoned.reclaim(conn, first_checkout, "a late report of the first holder's end")
     time.sleep(0.3)  # the worker has handled the report
     stats = pool.stats()
     assert stats["connections_reclaimed"] == 1 and stats["pool_in_use"] == 1
