@@ -169,15 +169,8 @@ class Timings:
         usage = self.usage
         usage.counts[bisect_left(BUCKETS, held)] += 1
         usage.sum += held
-        # count_acquired_locked(), inline: this runs on every return.
-        acquired = self.acquired
-        if acquired:
-            acquire = self.acquire
-            counts = acquire.counts
-            while acquired:
-                seconds = acquired.popleft()
-                counts[bisect_left(BUCKETS, seconds)] += 1
-                acquire.sum += seconds
+        if self.acquired:
+            self.count_acquired_locked()
 
     def count_acquired_locked(self) -> None:
         """Sort the pending acquire times into their buckets. Lock held."""

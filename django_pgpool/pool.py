@@ -33,17 +33,14 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 from psycopg2.pool import ThreadedConnectionPool
 
-from . import observers, ownership, process, validation
+from . import maintenance, observers, ownership, process, validation
 from .counters import Counters
 from .errors import (
     PoolClosed,
     PoolError,
     PoolTimeout,
-    TooManyRequests,
     paused_message,
     timeout_message,
-    too_many_requests_message,
-    unreachable_message,
 )
 from .liveness import Liveness
 from .observers import WATCHING
@@ -202,10 +199,10 @@ class ConnectionPool(ThreadedConnectionPool):
                     conn = slots.idle.pop()
                     slots.check_out_locked(conn)
                 else:
-                    self._refuse_if_unreachable_locked()
+                    self.outage.refuse_if_known_down_locked(self)
                     start_connector = slots.may_open_locked(self.outage.error is None)
                     if not start_connector:
-                        self._refuse_if_queue_full_locked()
+                        slots.refuse_if_queue_full_locked(self.name, self.config.max_waiting)
                     # Queued: it waits because the pool's connections are all in
                     # use (not merely for the one being opened for it).
                     queue_now = not queued and slots.size > slots.opening
@@ -250,40 +247,8 @@ class ConnectionPool(ThreadedConnectionPool):
                 raise
             self.retire_checked_out(conn, "it failed its check")
 
-    def _refuse_if_unreachable_locked(self) -> None:
-        """Fail a request at once while the pool knows the database is down. Lock held.
-
-        It knows once a request has waited its whole timeout in vain during
-        the outage. If no connection is in use either (none can come back),
-        waiting again helps nobody: the request that already failed would
-        wait once more for each query (Django's error page makes several),
-        and new ones pile up. They fail at once until the worker gets a
-        connection through.
-        """
-        outage = self.outage
-        error = outage.error
-        if error is None or not outage.waited_out or self.slots.checked_out or self.slots.resetting:
-            return
-        unreachable_for = time.monotonic() - outage.since
-        self.counters.values["requests_errors"] += 1
-        raise PoolTimeout(
-            unreachable_message(self.name, exception_summary(error), unreachable_for),
-            pool_name=self.name,
-            max_size=self.maxconn,
-            timeout=0.0,
-        )
-
     def _argument(self, call: str, name: str, value: Any, validate: Callable[..., Any]) -> Any:
         return validation.argument(f"pool {self.name!r}: {call}", name, value, validate)
-
-    def _refuse_if_queue_full_locked(self) -> None:
-        max_waiting = self.config.max_waiting
-        waiting = len(self.slots.waiters)
-        if max_waiting and waiting >= max_waiting:
-            self.counters.values["requests_errors"] += 1
-            raise TooManyRequests(
-                too_many_requests_message(self.name, waiting, self.maxconn, max_waiting)
-            )
 
     def _wait(self, waiter: Waiter, wait_started: float, timeout: float | None) -> Any:
         """Wait until a connection is handed to ``waiter``; return it checked out."""
@@ -304,7 +269,6 @@ class ConnectionPool(ThreadedConnectionPool):
             waiting = len(slots.waiters) + 1
             in_use = len(slots.checked_out)
             holders = ownership.holders(slots.checked_out.values())
-            opening = slots.opening
         unreachable = self.outage.error
         if unreachable is not None:
             self.outage.waited_out = True
@@ -320,7 +284,7 @@ class ConnectionPool(ThreadedConnectionPool):
                 holders=holders,
                 unreachable=None if unreachable is None else exception_summary(unreachable),
                 unreachable_for=time.monotonic() - self.outage.since,
-                opening=opening,
+                opening=slots.opening,
             )
         )
         self._emit(
@@ -630,6 +594,7 @@ class ConnectionPool(ThreadedConnectionPool):
         process.untrack(self)
 
     # ------------------------------------------------------------------ runtime control
+    # The work is in maintenance.py; across processes, control.py.
 
     def resize(self, min_size: int | None = None, max_size: int | None = None) -> None:
         """Change the pool's sizes while it runs.
@@ -638,44 +603,7 @@ class ConnectionPool(ThreadedConnectionPool):
         closes idle connections beyond the new ``max_size`` now and busy ones
         as they come back.
         """
-        new_min = self.minconn if min_size is None else min_size
-        new_max = self.maxconn if max_size is None else max_size
-        for name, value, lowest in (("min_size", new_min, 0), ("max_size", new_max, 1)):
-            self._argument(
-                "resize",
-                name,
-                value,
-                lambda value, lowest=lowest: validation.connection_count(value, minimum=lowest),
-            )
-        if new_max < new_min:
-            raise ValueError(
-                f"pool {self.name!r}: resize() would leave max_size={new_max} below "
-                f"min_size={new_min}: max_size must be >= min_size."
-            )
-        slots = self.slots
-        with slots.lock:
-            slots.min_size, slots.max_size = new_min, new_max
-            surplus: list[Any] = []
-            while slots.size - len(surplus) > new_max and slots.idle:
-                surplus.append(slots.idle.pop(0))
-            self._open_for_waiters_locked()  # room to grow
-        for conn in surplus:
-            self.retire(conn, "the pool was resized")
-        logger.info("pool %r: resized to min_size=%d, max_size=%d", self.name, new_min, new_max)
-        if self.worker is not None:
-            self.worker.signal()
-
-    def _open_for_waiters_locked(self) -> None:
-        """Open connections now for the waiting requests the pool has room for. Lock held."""
-        slots = self.slots
-        room = min(
-            slots.max_size - slots.size, len(slots.waiters) - slots.opening - slots.resetting
-        )
-        if self.outage.error is None:
-            for _ in range(max(0, room)):
-                slots.size += 1
-                slots.opening += 1
-                self.opener.start_connector()
+        maintenance.resize(self, min_size, max_size)
 
     def drain(self) -> None:
         """Retire every current connection gracefully.
@@ -684,51 +612,25 @@ class ConnectionPool(ThreadedConnectionPool):
         closed now, busy ones when they come back, none is handed out again,
         and ``min_size`` new ones are opened in the background.
         """
-        with self.slots.lock:
-            self.generation += 1
-        retired = self.slots.take_idle(lambda idle: idle)
-        for conn in retired:
-            self.retire(conn, "the pool was drained")
-        logger.info("pool %r: drained (%d idle connections closed)", self.name, len(retired))
-        if self.worker is not None:
-            self.worker.signal()
-
-    # Pause and resume (HikariCP's pool suspension); across processes: control.py.
+        maintenance.drain(self)
 
     @property
     def paused(self) -> bool:
         return self.slots.paused
 
     def pause(self) -> None:
-        """Stop handing out connections until :meth:`resume`.
+        """Stop handing out connections until :meth:`resume` (HikariCP's pool suspension).
 
         New checkouts wait (up to ``timeout``, first come first served);
         connections in use carry on and come back as usual, and stay idle. For
         planned maintenance: pause, wait until ``stats()["pool_in_use"]`` is 0,
         switch servers, :meth:`drain`, resume.
         """
-        with self.slots.lock:
-            if self.slots.paused or self.slots.closed:
-                return
-            self.slots.paused = True
-        logger.info("pool %r: paused (new checkouts wait until it is resumed)", self.name)
+        maintenance.pause(self)
 
     def resume(self) -> None:
         """End a :meth:`pause`: waiting requests get connections, longest waiting first."""
-        slots = self.slots
-        now = time.monotonic()
-        with slots.lock:
-            if not slots.paused:
-                return
-            for conn in slots.idle:
-                # Handed straight to a waiter, it would skip the idle check.
-                if now - conn.pool_entry.last_used > self.liveness.check_window:
-                    conn.pool_entry.suspect = True
-            slots.resume_locked()
-            self._open_for_waiters_locked()
-        logger.info("pool %r: resumed", self.name)
-        if self.worker is not None:
-            self.worker.signal()
+        maintenance.resume(self)
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from . import ownership
 from .counters import Counters
+from .errors import TooManyRequests, too_many_requests_message
 
 
 class Waiter:
@@ -116,6 +117,15 @@ class Slots:
             return True
         return False
 
+    def refuse_if_queue_full_locked(self, pool_name: str, max_waiting: int) -> None:
+        """Turn a request away at once when ``max_waiting`` requests already wait. Lock held."""
+        waiting = len(self.waiters)
+        if max_waiting and waiting >= max_waiting:
+            self.counters.values["requests_errors"] += 1
+            raise TooManyRequests(
+                too_many_requests_message(pool_name, waiting, self.max_size, max_waiting)
+            )
+
     def queue_locked(self, queued: bool) -> Waiter:
         """Queue a new waiter; ``queued``: it waits because every connection is in use."""
         waiter = Waiter()
@@ -133,12 +143,18 @@ class Slots:
             self.check_out_locked(conn)
         return conn
 
+    def _leave_queue_locked(self, waiter: Waiter) -> bool:
+        """Take ``waiter`` out of the queue; False if it was no longer there. Lock held."""
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            return False
+        return True
+
     def give_up(self, waiter: Waiter) -> bool:
         """A waiter's time ran out: True if it left the queue, False if it was served meanwhile."""
         with self.lock:
-            try:
-                self.waiters.remove(waiter)
-            except ValueError:
+            if not self._leave_queue_locked(waiter):
                 return False
             self.counters.values["requests_timeouts"] += 1
             return True
@@ -146,11 +162,7 @@ class Slots:
     def abandon(self, waiter: Waiter) -> None:
         """Take a waiter that gave up out of the queue, passing on what it was handed."""
         with self.lock:
-            try:
-                self.waiters.remove(waiter)
-            except ValueError:
-                pass
-            else:
+            if self._leave_queue_locked(waiter):
                 return
             conn: Any = waiter.conn
             waiter.conn = None

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 
 from . import ownership, process
-from .errors import PoolClosed, PoolTimeout, connect_error
+from .errors import PoolClosed, PoolTimeout, connect_error, unreachable_message
 from .pooled_connection import exception_summary
 
 if TYPE_CHECKING:
@@ -121,6 +121,28 @@ class Outage:
                 self.backoff = min(MAX_RECONNECT_BACKOFF, self.backoff * 2)
             self.retry_at = now + self.backoff
         return first
+
+    def refuse_if_known_down_locked(self, pool: ConnectionPool) -> None:
+        """Fail a request at once while the pool knows the database is down. Pool's lock held.
+
+        It knows once a request has waited its whole timeout in vain during
+        the outage. If no connection is in use either (none can come back),
+        waiting again helps nobody: the request that already failed would
+        wait once more for each query (Django's error page makes several),
+        and new ones pile up. They fail at once until the worker gets a
+        connection through.
+        """
+        error = self.error
+        slots = pool.slots
+        if error is None or not self.waited_out or slots.checked_out or slots.resetting:
+            return
+        slots.counters.values["requests_errors"] += 1
+        raise PoolTimeout(
+            unreachable_message(pool.name, exception_summary(error), time.monotonic() - self.since),
+            pool_name=pool.name,
+            max_size=slots.max_size,
+            timeout=0.0,
+        )
 
     def ended(self) -> float | None:
         """A connection got through. The outage's length, if the database was unreachable."""

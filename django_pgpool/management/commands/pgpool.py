@@ -50,7 +50,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -67,6 +66,7 @@ import django_pgpool
 from django_pgpool import capacity, control, registry, routers, watch
 from django_pgpool.config import parse_pool_options, pool_is_enabled
 from django_pgpool.counters import enable_timings
+from django_pgpool.management import common, sizing
 
 #: Exit status when the database can't be reached (1 is a misfit or bad settings).
 UNREACHABLE = 2
@@ -84,25 +84,6 @@ _COLUMNS = (
     ("timeouts", "requests_timeouts"),
     ("database", None),
 )
-
-
-def _whole_numbers(option: str, text: str) -> list[int]:
-    """``"1,2,4"`` to ``[1, 2, 4]``; a CommandError naming the option for anything else."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise CommandError(
-            f"{option} takes whole numbers >= 1, comma-separated (for example 1,2,4), not {text!r}."
-        )
-    return values
-
-
-def _first_line(exc: BaseException) -> str:
-    """An error's first line, without a closing period (it goes inside a sentence)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0].rstrip(".") if lines else type(exc).__name__
 
 
 class Command(BaseCommand):
@@ -242,28 +223,8 @@ class Command(BaseCommand):
 
     # ------------------------------------------------------------------ show
 
-    def _pooled_aliases(self, only: str | None) -> list[str]:
-        aliases = [
-            alias
-            for alias in connections.settings
-            if capacity.is_pgpool_engine(connections.settings[alias])
-        ]
-        if only is None:
-            return aliases
-        if only not in connections.settings:
-            raise CommandError(
-                f"There is no database alias {only!r} in DATABASES "
-                f"(aliases: {', '.join(connections.settings)})."
-            )
-        if only not in aliases:
-            raise CommandError(
-                f"DATABASES[{only!r}] does not use django_pgpool (ENGINE is "
-                f"{connections.settings[only].get('ENGINE')!r}); set ENGINE to 'django_pgpool'."
-            )
-        return [only]
-
     def _show(self, options: dict[str, Any]) -> None:
-        aliases = self._pooled_aliases(options["database"])
+        aliases = common.pooled_aliases(options["database"])
         failures: list[str] = []
         entries: dict[str, dict[str, Any]] = {}
         for alias in aliases:
@@ -286,8 +247,8 @@ class Command(BaseCommand):
                     django_pgpool.get_pool(alias).open(wait=True, timeout=options["timeout"])
                 except (psycopg2.Error, DjangoDatabaseError) as exc:
                     entry["state"] = "cannot connect"
-                    entry["error"] = _first_line(exc)
-                    failures.append(f"alias {alias!r}: {_first_line(exc)}")
+                    entry["error"] = common.first_line(exc)
+                    failures.append(f"alias {alias!r}: {common.first_line(exc)}")
         live = django_pgpool.stats()
         for alias, entry in entries.items():
             # Statistics of the pool this process built for the alias, if any.
@@ -349,7 +310,7 @@ class Command(BaseCommand):
             raise CommandError("--count must be a whole number >= 1.")
         if options["json"]:
             raise CommandError("--watch prints a table; use 'pgpool --json' for one reading.")
-        aliases = self._pooled_aliases(options["database"])
+        aliases = common.pooled_aliases(options["database"])
         if options["open"]:
             for alias in aliases:
                 django_pgpool.get_pool(alias).open(wait=True, timeout=options["timeout"])
@@ -385,22 +346,11 @@ class Command(BaseCommand):
 
     # ------------------------------------------------------------------ check
 
-    def _expected_processes(self) -> int:
-        try:
-            return capacity.expected_processes()
-        except ImproperlyConfigured as exc:
-            raise CommandError(str(exc)) from None
-
-    def _read_limits(self, alias: str, timeout: float) -> capacity.ServerLimits:
-        """The server's limits, read through the alias's pool (psycopg2 or Django errors)."""
-        with django_pgpool.connection(alias, timeout=timeout) as conn:
-            return capacity.read_server_limits(conn)
-
     def _check(self, options: dict[str, Any]) -> None:
         alias = options["database"] or "default"
-        self._pooled_aliases(alias)
+        common.pooled_aliases(alias)
         if options["processes"] is None:
-            processes = self._expected_processes()
+            processes = common.expected_processes()
         else:
             try:
                 processes = int(options["processes"])
@@ -420,14 +370,14 @@ class Command(BaseCommand):
 
         started = time.monotonic()
         try:
-            limits = self._read_limits(alias, options["timeout"])
+            limits = common.read_limits(alias, options["timeout"])
         except (psycopg2.Error, DjangoDatabaseError) as exc:
             if options["json"]:
                 report = {"alias": alias, "database": database, "reachable": False}
-                report["error"] = _first_line(exc)
+                report["error"] = common.first_line(exc)
                 self.stdout.write(json.dumps(report, indent=2))
             raise CommandError(
-                f"Alias {alias!r} cannot reach its database {database}: {_first_line(exc)}. "
+                f"Alias {alias!r} cannot reach its database {database}: {common.first_line(exc)}. "
                 f"Check that the server runs and that HOST, PORT, NAME, USER and PASSWORD "
                 f"in DATABASES[{alias!r}] are right.",
                 returncode=UNREACHABLE,
@@ -495,160 +445,7 @@ class Command(BaseCommand):
     # ------------------------------------------------------------------ size
 
     def _size(self, options: dict[str, Any]) -> None:
-        alias = options["database"] or "default"
-        self._pooled_aliases(alias)
-        machines = _whole_numbers("--machines", options["machines"])
-        if options["processes"] is None:
-            processes = [self._expected_processes()]
-        else:
-            processes = _whole_numbers("--processes", options["processes"])
-        for name in ("pgbouncer_pool_size", "max_client_conn"):
-            if options[name] < 1:
-                flag = "--" + name.replace("_", "-")
-                raise CommandError(f"{flag} must be a whole number >= 1, not {options[name]}.")
-        try:
-            own = capacity.demand(alias, 1).max_sizes
-        except ImproperlyConfigured as exc:
-            raise CommandError(str(exc)) from None
-        if options["max_size"] is None:
-            max_sizes = [own[alias]]
-        else:
-            max_sizes = _whole_numbers("--max-size", options["max_size"])
-        limits, source, error = self._size_limits(alias, options)
-        deployments = [
-            capacity.Deployment(machines=n, processes=p, max_sizes={**own, alias: m})
-            for n, p, m in itertools.product(machines, processes, max_sizes)
-        ]
-        pool_size = options["pgbouncer_pool_size"]
-        rows = [
-            {
-                "machines": d.machines,
-                "processes": d.processes,
-                "max_size": d.max_sizes[alias],
-                "direct": d.direct,
-                "per_machine": d.server_connections_per_machine(pool_size),
-                "per_machine_clients": d.clients_per_machine,
-                "central": d.server_connections_central(pool_size),
-                "central_clients": d.direct,
-            }
-            for d in deployments
-        ]
-        if options["json"]:
-            report: dict[str, Any] = {
-                "alias": alias,
-                "other_aliases": {name: size for name, size in own.items() if name != alias},
-                "limits": source,
-                "max_connections": limits.max_connections,
-                "reserved": limits.max_connections - limits.available,
-                "available": limits.available,
-                "pgbouncer_pool_size": pool_size,
-                "max_client_conn": options["max_client_conn"],
-                "rows": rows,
-            }
-            if error:
-                report["error"] = error
-            self.stdout.write(json.dumps(report, indent=2))
-            return
-        self._write_size(alias, own, max_sizes, limits, source, error, rows, options)
-
-    def _size_limits(
-        self, alias: str, options: dict[str, Any]
-    ) -> tuple[capacity.ServerLimits, str, str]:
-        """The server's limits, where they come from ('given', 'server' or 'assumed'), and
-        why they had to be assumed."""
-        given_max, given_reserved = options["max_connections"], options["reserved"]
-        if given_max is not None or given_reserved is not None:
-            limits = capacity.assumed_limits(
-                capacity.DEFAULT_MAX_CONNECTIONS if given_max is None else given_max,
-                capacity.DEFAULT_SUPERUSER_RESERVED_CONNECTIONS
-                if given_reserved is None
-                else given_reserved,
-            )
-            if limits.superuser_reserved_connections < 0 or limits.available < 1:
-                raise CommandError(
-                    f"--max-connections {limits.max_connections} and --reserved "
-                    f"{limits.superuser_reserved_connections} leave no connection to the "
-                    f"application: give max_connections above the reserved connections (>= 0)."
-                )
-            return limits, "given", ""
-        try:
-            return self._read_limits(alias, options["timeout"]), "server", ""
-        except (psycopg2.Error, DjangoDatabaseError) as exc:
-            database = capacity.describe_database(connections[alias].settings_dict)
-            error = f"alias {alias!r} cannot reach its database {database}: {_first_line(exc)}"
-            return capacity.assumed_limits(), "assumed", error
-
-    def _write_size(
-        self,
-        alias: str,
-        own: dict[str, int],
-        max_sizes: list[int],
-        limits: capacity.ServerLimits,
-        source: str,
-        error: str,
-        rows: list[dict[str, Any]],
-        options: dict[str, Any],
-    ) -> None:
-        others = {name: size for name, size in own.items() if name != alias}
-        available = limits.available
-        reserved = limits.max_connections - available
-        line = f"Each process pools alias {alias!r} (max_size {', '.join(map(str, max_sizes))})"
-        if others:
-            line += " and, on the same server, " + ", ".join(
-                f"{name!r} (max_size {size})" for name, size in others.items()
-            )
-        lines = [line + "."]
-        limits_line = (
-            f"PostgreSQL takes {available} connections from the application "
-            f"(max_connections {limits.max_connections} - {reserved} reserved)"
-        )
-        if source == "server":
-            lines.append(
-                f"{limits_line}, read from the server (PostgreSQL {limits.server_version})."
-            )
-        elif source == "given":
-            lines.append(f"{limits_line}, as given.")
-        else:
-            lines += [
-                f"{limits_line}: ASSUMED, PostgreSQL's defaults. Give --max-connections and "
-                f"--reserved for the real server's.",
-                f"(The server could not be asked: {error}.)",
-            ]
-        max_client_conn = options["max_client_conn"]
-        lines += [
-            f"PgBouncer: transaction pooling, default_pool_size "
-            f"{options['pgbouncer_pool_size']}, max_client_conn {max_client_conn}. "
-            "'!' marks what does not fit.",
-            "",
-            "| machines | processes each | max_size | direct | PgBouncer on each machine "
-            "(its clients) | one PgBouncer (its clients) |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-
-        def server(value: int) -> str:
-            return f"{value}" if value <= available else f"{value} !"
-
-        def clients(value: int) -> str:
-            return f"{value}" if value <= max_client_conn else f"{value} !"
-
-        for row in rows:
-            lines.append(
-                f"| {row['machines']} | {row['processes']} | {row['max_size']} "
-                f"| {server(row['direct'])} "
-                f"| {server(row['per_machine'])} ({clients(row['per_machine_clients'])}) "
-                f"| {server(row['central'])} ({clients(row['central_clients'])}) |"
-            )
-        lines.append("")
-        for max_size in max_sizes:
-            per_process = max_size + sum(others.values())
-            what = f"max_size {max_size}" + "".join(
-                f" + {size} for {name!r}" for name, size in others.items()
-            )
-            lines.append(
-                f"Directly on PostgreSQL with {what}: at most {available // per_process} "
-                f"processes, all machines together."
-            )
-        self.stdout.write("\n".join(lines))
+        sizing.report(self.stdout, options)
 
     # ------------------------------------------------------------------ pause, resume, drain
 
@@ -664,7 +461,7 @@ class Command(BaseCommand):
         if action == "status":
             self._write_status(path, options["json"])
             return
-        aliases = self._pooled_aliases(options["database"])
+        aliases = common.pooled_aliases(options["database"])
         state = control.change(
             path,
             aliases,
@@ -773,7 +570,7 @@ class _ServerView:
                 with wrapper.cursor() as cursor:
                     rows = watch.server_rows(cursor, wrapper.settings_dict["NAME"])
             except (psycopg2.Error, DjangoDatabaseError) as exc:
-                lines.append(f"  unreachable: {_first_line(exc)}")
+                lines.append(f"  unreachable: {common.first_line(exc)}")
                 continue
             lines += ["  " + line for line in watch.table(watch.SERVER_COLUMNS, rows)]
         return lines
