@@ -32,7 +32,8 @@ class Strategy:
     #: "psycopg3" leaves django_pgpool out of INSTALLED_APPS, so that Django's
     #: backend loads psycopg 3 (Django's native pool needs it).
     driver: str = "psycopg2"
-    #: Measured in the ASGI mode too (the comparisons that matter there).
+    #: Measured in the ASGI mode too (the request mode, transaction mode and
+    #: Django's native pool: the comparisons that matter there).
     under_asgi: bool = True
 
     @property
@@ -68,6 +69,10 @@ STRATEGIES = {
             engine=DJANGO_BACKEND,
             pool=False,
             conn_max_age="none",
+            # Under ASGI each request's ORM calls run in a thread of their own,
+            # and every such thread keeps its connection: not a fair ceiling,
+            # and it runs the server out of connections.
+            under_asgi=False,
         ),
         Strategy("pgpool", "django_pgpool (defaults)"),
         Strategy(

@@ -23,7 +23,7 @@ from testproject.library.models import Author
 from testsupport.pgserver import ensure_server
 from testsupport.servers import Library, free_port, library_database, project_env, running
 
-from .helpers import REPO, query_one
+from .helpers import REPO, pool_options, query_one
 
 SCREENSHOT = REPO / "docs" / "debug-toolbar-panel.png"
 
@@ -42,11 +42,8 @@ def recording(fresh_pools: None) -> Iterator[Any]:
 def test_each_checkout_of_the_request_is_recorded_with_its_wait_reuse_and_pool_state(
     recording: Any,
 ) -> None:
-    Author.objects.count()
-    first_pid = query_one(connection, "SELECT pg_backend_pid()")
-    connection.close()  # dirty: its reset is sent now and read at the next checkout
-    Author.objects.count()
-    connection.close()
+    with pool_options(release="request"):  # one checkout per request, as counted below
+        first_pid = checkouts_of_two_requests()
     first, second = recording.checkouts
     assert first["alias"] == second["alias"] == "default"
     assert first["backend_pid"] == second["backend_pid"] == first_pid
@@ -55,6 +52,16 @@ def test_each_checkout_of_the_request_is_recorded_with_its_wait_reuse_and_pool_s
     assert second["age_s"] >= first["age_s"] >= 0
     assert 0 < second["wait_ms"] < 1000
     assert (second["in_use"], second["waiting"]) == (1, 0)
+
+
+def checkouts_of_two_requests() -> int:
+    """Two requests' checkouts; the backend pid of the first."""
+    Author.objects.count()
+    first_pid = int(query_one(connection, "SELECT pg_backend_pid()"))
+    connection.close()  # dirty: its reset is sent now and read at the next checkout
+    Author.objects.count()
+    connection.close()
+    return first_pid
 
 
 @pytest.mark.django_db(transaction=True)

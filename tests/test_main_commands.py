@@ -58,7 +58,7 @@ def test_the_benchmark_runs_every_strategy_and_writes_its_results(tmp_path: Path
         "pgpool-transaction",
         "native",
     }
-    under_asgi = {"persistent", "pgpool", "pgpool-transaction", "native"}
+    under_asgi = {"pgpool", "pgpool-transaction", "native"}
     assert measured == {(mode, name) for mode in ("http", "inprocess") for name in strategies} | {
         ("asgi", name) for name in under_asgi
     }
@@ -72,7 +72,7 @@ def test_the_benchmark_runs_every_strategy_and_writes_its_results(tmp_path: Path
     for row in data["medians"]:
         assert row["requests_per_second"] > 0, row
         starved = row["mode"] == "asgi" and row["threads"] == 64
-        if not starved or row["strategy"] in ("persistent", "pgpool-transaction"):
+        if not starved or row["strategy"] == "pgpool-transaction":
             # (Under ASGI, a pool smaller than the executor runs dry in the
             # request mode: that cell is there to show it.)
             assert row["failed"] == 0, row
