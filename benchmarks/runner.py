@@ -191,6 +191,15 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def missing_servers(modes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(mode, module) for each mode whose server is not importable here."""
+    return [
+        (mode, TARGETS[mode].server_module)
+        for mode in modes
+        if find_spec(TARGETS[mode].server_module) is None
+    ]
+
+
 def run(config: BenchConfig) -> dict[str, Any]:
     # psycopg2 and the server launcher only now: --help needs neither.
     import psycopg2
@@ -205,6 +214,15 @@ def run(config: BenchConfig) -> dict[str, Any]:
         notes.append(
             "native: skipped, psycopg 3 and psycopg_pool are not installed "
             "(pip install -e '.[bench]')"
+        )
+    lacking = missing_servers(config.modes)
+    if lacking:
+        # Found now, not after the modes before it have run for many minutes.
+        raise SystemExit(
+            "the benchmark needs "
+            + ", ".join(f"{module} (for the {mode} mode)" for mode, module in lacking)
+            + f", not installed in {sys.prefix}: pip install -e '.[bench]', "
+            "or leave the mode out with --mode"
         )
     server, cluster = database.choose_server()
     try:

@@ -70,6 +70,8 @@ class _Process:
     """A strategy's process: its settings, log file and application_name."""
 
     mode = ""
+    #: The module ``python -m`` runs to serve this target (checked before a run starts).
+    server_module = "benchmarks.worker"
 
     def __init__(
         self,
@@ -119,6 +121,7 @@ class AppServer(_Process):
     """gunicorn (gthread, one worker) serving the testproject with one strategy."""
 
     mode = "http"
+    server_module = "gunicorn"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -130,7 +133,7 @@ class AppServer(_Process):
         return [
             sys.executable,
             "-m",
-            "gunicorn",
+            self.server_module,
             "testproject.wsgi:application",
             "--worker-class",
             "gthread",
@@ -200,7 +203,7 @@ class InProcessWorker(_Process):
 
     def start(self) -> None:
         self.process = self._spawn(
-            [sys.executable, "-m", "benchmarks.worker", str(self.threads)], piped=True
+            [sys.executable, "-m", self.server_module, str(self.threads)], piped=True
         )
         if not self._readable(timeout=60):
             raise self._failed("the worker did not start")
@@ -250,12 +253,13 @@ class AsgiServer(AppServer):
     """uvicorn (one process) serving the testproject's async views with one strategy."""
 
     mode = "asgi"
+    server_module = "uvicorn"
 
     def command(self) -> list[str]:
         return [
             sys.executable,
             "-m",
-            "uvicorn",
+            self.server_module,
             "testproject.asgi:application",
             "--host",
             "127.0.0.1",
