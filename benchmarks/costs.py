@@ -13,7 +13,8 @@ a persistent connection does not:
   and without its ``connection_created`` receivers (``django.contrib.postgres``
   registers its type handlers in one);
 - ``reset``: a returned connection's ``DISCARD ALL`` sent without waiting and
-  its answer read at the next checkout, against a connection that ran nothing.
+  its answer read at the next checkout, against a connection that ran nothing;
+- for scale, one ``SELECT 1`` round trip on the same connection.
 """
 
 from __future__ import annotations
@@ -105,6 +106,13 @@ def main() -> int:
     results["reset: DISCARD ALL sent on return, read on checkout (extra)"] = {
         key: reset[key] - clean.get(key, 0.0) for key in reset
     }
+    # For scale: any one statement's round trip, which is what the reset adds.
+    conn = pool.getconn()
+    with conn.cursor() as cursor:
+        results["for scale: one SELECT 1 round trip"] = per_call(
+            lambda: cursor.execute("SELECT 1"), pid
+        )
+    pool.putconn(conn)
     pool.close()
 
     width = max(len(name) for name in results)
