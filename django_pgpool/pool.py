@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psycopg2
 from psycopg2.pool import ThreadedConnectionPool
@@ -167,11 +167,7 @@ class ConnectionPool(ThreadedConnectionPool):
         # Timed only while something watches checkouts (observers.WATCHING).
         started = time.monotonic() if WATCHING else 0.0
         if self._pid != os.getpid():
-            self.abandon_after_fork()
-            raise PoolClosed(
-                f"pool {self.name!r} was created in process {self._pid} and cannot be used "
-                f"after fork(); build a new pool in this process"
-            )
+            self._refuse_after_fork()
         if key is not None:
             conn = self.slots.keyed.get(key)
             if conn is not None:
@@ -212,53 +208,63 @@ class ConnectionPool(ThreadedConnectionPool):
             if waiter is not None:
                 if start_connector:
                     self.opener.start_connector()
-                if not wait_started:
-                    wait_started = time.monotonic()
-                try:
-                    conn = self._wait(waiter, wait_started, timeout)
-                except BaseException:
-                    # Whatever ended the wait (a timeout, the server refusing
-                    # the connection opened for it, or an exception raised by a
-                    # signal handler, gevent.Timeout or another thread), the
-                    # waiter leaves the queue, and a connection already handed
-                    # to it goes to the next waiter or back.
-                    slots.abandon(waiter)
-                    self.counters.add("requests_errors")
-                    raise
+                wait_started = wait_started or time.monotonic()
+                conn = self._wait(waiter, wait_started, timeout)
             # Whether its reset is still to be read (before _ready() reads it), for observers.
             reset_pending = started and conn.pool_entry.reset_pending  # type: ignore[union-attr]
-            try:
-                if self.liveness.ready(conn, waiter is not None, check):
-                    return self._hand_out(
-                        conn,
-                        key,
-                        bind_to_thread,
-                        keep_if,
-                        wait_started if queued else 0.0,
-                        started,
-                        reset_pending,
-                    )
-            except BaseException:
-                # Interrupted (a signal handler, gevent.Timeout) halfway
-                # through a check or reading its reset: the connection's state
-                # is unknown, so it goes, and its slot with it.
-                self.retire_checked_out(conn, "its checkout was interrupted")
-                self.counters.add("requests_errors")
-                raise
+            if self._ready(conn, waiter is not None, check):
+                return self._hand_out(
+                    conn,
+                    key,
+                    bind_to_thread,
+                    keep_if,
+                    wait_started if queued else 0.0,
+                    started,
+                    reset_pending,
+                )
             self.retire_checked_out(conn, "it failed its check")
 
     def _argument(self, call: str, name: str, value: Any, validate: Callable[..., Any]) -> Any:
         return validation.argument(f"pool {self.name!r}: {call}", name, value, validate)
 
+    def _refuse_after_fork(self) -> NoReturn:
+        self.abandon_after_fork()
+        raise PoolClosed(
+            f"pool {self.name!r} was created in process {self._pid} and cannot be used "
+            f"after fork(); build a new pool in this process"
+        )
+
     def _wait(self, waiter: Waiter, wait_started: float, timeout: float | None) -> Any:
         """Wait until a connection is handed to ``waiter``; return it checked out."""
-        waited_for = self.config.timeout if timeout is None else timeout
-        deadline = wait_started + waited_for
-        if not waiter.event.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            error = self._timed_out(waiter, waited_for)
-            if error is not None:
-                raise error
-        return self.slots.served(waiter)
+        try:
+            waited_for = self.config.timeout if timeout is None else timeout
+            deadline = wait_started + waited_for
+            if not waiter.event.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                error = self._timed_out(waiter, waited_for)
+                if error is not None:
+                    raise error
+            return self.slots.served(waiter)
+        except BaseException:
+            # Whatever ended the wait (a timeout, the server refusing the
+            # connection opened for it, or an exception raised by a signal
+            # handler, gevent.Timeout or another thread), the waiter leaves
+            # the queue, and a connection already handed to it goes to the
+            # next waiter or back.
+            self.slots.abandon(waiter)
+            self.counters.add("requests_errors")
+            raise
+
+    def _ready(self, conn: Any, waited: bool, check: bool | None) -> bool:
+        """Whether ``conn``, checked out, may be handed out (see Liveness.ready)."""
+        try:
+            return self.liveness.ready(conn, waited, check)
+        except BaseException:
+            # Interrupted (a signal handler, gevent.Timeout) halfway through a
+            # check or reading its reset: the connection's state is unknown,
+            # so it goes, and its slot with it.
+            self.retire_checked_out(conn, "its checkout was interrupted")
+            self.counters.add("requests_errors")
+            raise
 
     def _timed_out(self, waiter: Waiter, waited_for: float) -> PoolTimeout | None:
         """The error for a wait that ran out, or None if it was served just in time."""
