@@ -127,12 +127,29 @@ class FailoverAware:
             # are popped from the end.
             self.execute_wrappers.insert(0, retry_read_only)
 
-    def ensure_connection(self) -> None:
+    # A connection whose server may have changed role is swapped before the
+    # next statement (_cursor) and before a transaction begins
+    # (set_autocommit). Not in ensure_connection(): Django's stock backend
+    # does not override it, and code that patches it on BaseDatabaseWrapper
+    # (Django's own tests do) must see every call, as with the stock backend.
+    def _cursor(self, name: str | None = None) -> Any:
         if self.needs_writable:
-            entry = getattr(self.connection, "pool_entry", None)
-            if entry is not None and entry.suspect and self._may_replace():
-                self.replace_connection()
-        super().ensure_connection()  # type: ignore[misc]
+            self._replace_if_suspect()
+        return super()._cursor(name)  # type: ignore[misc]
+
+    def set_autocommit(
+        self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
+    ) -> None:
+        if self.needs_writable and not autocommit:
+            self._replace_if_suspect()
+        super().set_autocommit(  # type: ignore[misc]
+            autocommit, force_begin_transaction_with_broken_autocommit
+        )
+
+    def _replace_if_suspect(self) -> None:
+        entry = getattr(self.connection, "pool_entry", None)
+        if entry is not None and entry.suspect and self._may_replace():
+            self.replace_connection()
 
     def close(self) -> None:
         self.session_changed = False

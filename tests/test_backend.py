@@ -355,3 +355,26 @@ def test_a_connection_error_reaching_the_orm_names_the_alias() -> None:
     message = str(caught.value)
     assert message.startswith("pool 'missing' could not open a connection: ")
     assert 'database "pgpool_no_such_database" does not exist' in message
+
+
+def test_code_patching_ensure_connection_on_djangos_base_class_sees_every_call() -> None:
+    # What Django's own AssertNumQueriesUponConnectionTests does: the backend
+    # must not override ensure_connection(), or the captured method calls the
+    # patch again, and again (as Django's stock backend, it is the base's).
+    from unittest import mock
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    real_ensure_connection = connection.ensure_connection
+    connection.close()
+    calls = []
+
+    def ensure_connection_and_configure() -> None:
+        calls.append(connection.connection is None)
+        real_ensure_connection()
+
+    with mock.patch.object(
+        BaseDatabaseWrapper, "ensure_connection", side_effect=ensure_connection_and_configure
+    ):
+        assert Book.objects.count() >= 0
+    assert calls[0] is True, "the patched method was not called to open the connection"
