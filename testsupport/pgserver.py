@@ -345,6 +345,9 @@ def ensure_server(*, quiet: bool = False) -> ServerSettings:
     if configured is not None:
         if is_reachable(configured):
             _chosen = configured
+            # Filled in (PGPASSWORD alone names the local server): tests that
+            # start Python processes of their own pass them all on.
+            configured.export()
             return configured
         if not quiet:
             print(
