@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import random
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, Protocol
+
+from testsupport import wsgi_environ
 
 #: Books in the run's database; requests pick one of their primary keys.
 BOOKS = 1000
@@ -158,22 +158,7 @@ class WsgiClient:
 
     def send(self, method: str, path: str) -> bool:
         status: list[str] = []
-        environ = {
-            "REQUEST_METHOD": method,
-            "PATH_INFO": path,
-            "QUERY_STRING": "",
-            "CONTENT_LENGTH": "0",
-            "SERVER_NAME": "bench",
-            "SERVER_PORT": "80",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "wsgi.url_scheme": "http",
-            "wsgi.input": BytesIO(b""),
-            "wsgi.errors": sys.stderr,
-            "wsgi.version": (1, 0),
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-        }
+        environ = wsgi_environ(method, path, "bench")
         try:
             response = self.application(environ, lambda s, headers, exc_info=None: status.append(s))
             try:

@@ -9,10 +9,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from io import BytesIO
 from typing import Any
 
-from testsupport import REPO, eventually
+from testsupport import REPO, eventually, wsgi_environ
 
 __all__ = ["REPO", "eventually"]
 
@@ -105,21 +104,7 @@ def serve(path: str, method: str = "GET") -> tuple[int, bytes]:
 
     handler = _wsgi_handler()
     status: list[str] = []
-    environ = {
-        "REQUEST_METHOD": method,
-        "PATH_INFO": path,
-        "QUERY_STRING": "",
-        "SERVER_NAME": "testserver",
-        "SERVER_PORT": "80",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": BytesIO(b""),
-        "wsgi.errors": sys.stderr,
-        "wsgi.version": (1, 0),
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
+    environ = wsgi_environ(method, path, "testserver")
     assert isinstance(handler, WSGIHandler)
     response = handler(environ, lambda s, headers, exc_info=None: status.append(s))
     try:

@@ -12,8 +12,10 @@ no user of django_pgpool does (it is not installed with the package):
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +32,23 @@ def eventually(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def wsgi_environ(method: str, path: str, server_name: str) -> dict[str, Any]:
+    """A WSGI environ for a request without a body, as a threaded server builds it."""
+    return {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "CONTENT_LENGTH": "0",
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": BytesIO(b""),
+        "wsgi.errors": sys.stderr,
+        "wsgi.version": (1, 0),
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }

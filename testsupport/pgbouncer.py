@@ -19,7 +19,7 @@ from typing import Any
 import psycopg2
 
 from testsupport import eventually
-from testsupport.pgserver import ServerSettings
+from testsupport.pgserver import ServerSettings, unprivileged_user
 from testsupport.servers import ServerProcess, free_port
 
 EXECUTABLES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
@@ -30,16 +30,6 @@ def executable() -> str | None:
     if found:
         return found
     return next((path for path in EXECUTABLES if os.access(path, os.X_OK)), None)
-
-
-def _unprivileged_user() -> str:
-    for name in ("postgres", "nobody"):
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return name
-    raise RuntimeError("running as root and no 'postgres' or 'nobody' user to run PgBouncer as")
 
 
 class PgBouncer:
@@ -60,7 +50,7 @@ class PgBouncer:
         self.default_pool_size = default_pool_size
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="pgpool-pgbouncer-"))
-        self.user = _unprivileged_user() if os.geteuid() == 0 else None
+        self.user = unprivileged_user("PgBouncer") if os.geteuid() == 0 else None
         self.settings = settings or {}
         self._process: ServerProcess | None = None
 

@@ -178,6 +178,17 @@ def find_server_binaries() -> str:
     )
 
 
+def unprivileged_user(server: str) -> str:
+    """The user a ``server`` started as root runs as (both refuse to run as root)."""
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    raise RuntimeError(f"running as root and no 'postgres' or 'nobody' user to run {server} as")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -208,20 +219,8 @@ class EmbeddedPostgres:
         self.directory = tempfile.mkdtemp(prefix="pgpool-cluster-")
         self.datadir = os.path.join(self.directory, "data")
         self.logfile = os.path.join(self.directory, "server.log")
-        self.run_as = self._unprivileged_user() if os.geteuid() == 0 else None
+        self.run_as = unprivileged_user("PostgreSQL") if os.geteuid() == 0 else None
         self._started = False
-
-    @staticmethod
-    def _unprivileged_user() -> str:
-        for name in ("postgres", "nobody"):
-            try:
-                pwd.getpwnam(name)
-            except KeyError:
-                continue
-            return name
-        raise RuntimeError(
-            "running as root and no 'postgres' or 'nobody' user to run PostgreSQL as"
-        )
 
     @property
     def settings(self) -> ServerSettings:
